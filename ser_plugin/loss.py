@@ -1,0 +1,279 @@
+"""L_equiv: token-level InfoNCE between aligned token maps, memory linear in tokens.
+
+For image ``i`` and aligned grid position ``j`` (aligned: view 1's map moved into view 2's frame by ρ_g):
+query ``q_ij`` (view 2), positive key ``k_ij`` (ρ_g of view 1), negatives: every token of every *other*
+image (from the key branch; optionally also from the query branch). Tokens of the same image at other
+positions are neither positive nor negative. ``s(a, b) = cos(a, b) / τ``; the loss is the mean over
+queries of ``-log softmax`` at the positive, symmetrised over the two directions.
+
+The negatives' logsumexp is a custom autograd function that processes the similarity matrix in chunks
+and recomputes it in backward (as flash attention does), so neither pass keeps the ``(N, M)`` matrix:
+memory is linear in the number of tokens. All similarity arithmetic is fp32, also under autocast.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from .distributed import gather_rows, rank, world_size
+from .errors import SERError
+from .group import GroupElement, rho
+
+__all__ = ["TokenInfoNCE", "TokenHead", "info_nce_tokens", "negative_logsumexp"]
+
+#: similarity entries held at once per chunk (fp32: 64 MiB)
+DEFAULT_CHUNK_ELEMENTS = 1 << 24
+
+
+def _chunks(n: int, m: int, budget: int):
+    rows = max(1, budget // max(m, 1))
+    for s in range(0, n, rows):
+        yield s, min(n, s + rows)
+
+
+class _NegativeLSE(torch.autograd.Function):
+    """``lse_i = log Σ_{j: kid_j ≠ qid_i} exp(q_i·k_j / τ)``, chunked forward and recomputing backward."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, qid: Tensor, kid: Tensor, tau: float, budget: int) -> Tensor:  # type: ignore[override]
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            qf, kf = q.float(), k.float()
+            out = torch.empty(q.shape[0], device=q.device, dtype=torch.float32)
+            kt = kf.t()
+            for s, e in _chunks(q.shape[0], k.shape[0], budget):
+                sim = (qf[s:e] @ kt).div_(tau)
+                sim.masked_fill_(qid[s:e, None] == kid[None, :], float("-inf"))
+                out[s:e] = torch.logsumexp(sim, dim=1)
+        ctx.save_for_backward(q, k, qid, kid, out)
+        ctx.tau, ctx.budget = tau, budget
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        q, k, qid, kid, lse = ctx.saved_tensors
+        tau, budget = ctx.tau, ctx.budget
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            qf, kf = q.float(), k.float()
+            gq = torch.zeros_like(qf) if ctx.needs_input_grad[0] else None
+            gk = torch.zeros_like(kf) if ctx.needs_input_grad[1] else None
+            kt = kf.t()
+            g = grad.float()
+            for s, e in _chunks(q.shape[0], k.shape[0], budget):
+                sim = (qf[s:e] @ kt).div_(tau)
+                sim.masked_fill_(qid[s:e, None] == kid[None, :], float("-inf"))
+                # dL/dsim = g_i · softmax_ij ; then through sim = q·k/τ
+                p = sim.sub_(lse[s:e, None]).exp_().mul_(g[s:e, None] / tau)
+                if gq is not None:
+                    gq[s:e] = p @ kf
+                if gk is not None:
+                    gk.addmm_(p.t(), qf[s:e])
+        return (
+            gq.to(q.dtype) if gq is not None else None,
+            gk.to(k.dtype) if gk is not None else None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def negative_logsumexp(q: Tensor, k: Tensor, qid: Tensor, kid: Tensor, tau: float, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> Tensor:
+    """Per-query logsumexp of ``q·k/τ`` over keys of other images; linear memory, exact gradient.
+
+    Args:
+        q: ``(N, C)`` queries. k: ``(M, C)`` keys. qid: ``(N,)`` and kid: ``(M,)`` image ids.
+    Returns:
+        ``(N,)`` fp32.
+    """
+    return _NegativeLSE.apply(q, k, qid, kid, float(tau), int(chunk_elements))
+
+
+def info_nce_tokens(
+    q: Tensor,
+    k: Tensor,
+    tau: float,
+    extra_negatives: Optional[Tensor] = None,
+    gather: bool = True,
+    max_negatives: Optional[int] = None,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[Tensor, int]:
+    """One direction of the token InfoNCE.
+
+    Args:
+        q: ``(n, T, C)`` queries; ``k``: ``(n, T, C)`` aligned keys (positive of ``q[i, t]`` is ``k[i, t]``).
+        tau: temperature.
+        extra_negatives: optional ``(n, T', C)`` more keys whose tokens are negatives for other images'
+            queries (same-branch negatives).
+        gather: gather keys from all ranks (autograd-aware) when torch.distributed is initialised.
+        max_negatives: if set, each call samples this many key tokens as the negative pool (shared by all
+            queries of the call), making the cost linear in the number of images.
+    Returns:
+        ``(sum of per-query losses, number of queries globally)``.
+    """
+    n, t, _ = q.shape
+    qn = F.normalize(q.float(), dim=-1)
+    kn = F.normalize(k.float(), dim=-1)
+    pos = (qn * kn).sum(-1).flatten() / tau  # (n*T,)
+    keys = [kn.reshape(n * t, -1)]
+    ids = [torch.arange(n, device=q.device).repeat_interleave(t)]
+    if extra_negatives is not None:
+        en = F.normalize(extra_negatives.float(), dim=-1)
+        keys.append(en.reshape(-1, en.shape[-1]))
+        ids.append(torch.arange(n, device=q.device).repeat_interleave(en.shape[1]))
+    key_rows = [torch.cat([kr, i[:, None].to(kr.dtype)], dim=1) for kr, i in zip(keys, ids)]
+    allk = torch.cat(key_rows)
+    offset = 0
+    n_global = n * t
+    if gather and world_size() > 1:
+        # image ids must be global: offset each rank's ids by the images of lower ranks
+        img_counts = gather_rows(torch.tensor([[n]], device=q.device, dtype=torch.float32))[0].flatten().long().tolist()
+        offset = sum(img_counts[: rank()])
+        allk = allk.clone()
+        allk[:, -1] += offset
+        allk, _ = gather_rows(allk)
+        q_counts = gather_rows(torch.tensor([[n * t]], device=q.device, dtype=torch.float32))[0].flatten().long().tolist()
+        n_global = sum(q_counts)
+    kid = allk[:, -1].detach().round().long()
+    kmat = allk[:, :-1]
+    if max_negatives is not None and max_negatives < kmat.shape[0]:
+        sel = torch.randperm(kmat.shape[0], device=kmat.device if generator is None else generator.device, generator=generator)[:max_negatives].to(kmat.device)
+        kmat, kid = kmat.index_select(0, sel), kid.index_select(0, sel)
+    qid = torch.arange(n, device=q.device).repeat_interleave(t) + offset
+    lse_neg = negative_logsumexp(qn.reshape(n * t, -1), kmat, qid, kid, tau, chunk_elements)
+    loss = torch.logaddexp(pos, lse_neg) - pos
+    return loss.sum(), n_global
+
+
+class TokenHead(nn.Module):
+    """Token-wise LayerNorm + MLP (D → hidden → out, GELU, no bias), as in the SER authors' code.
+
+    Shape:
+        ``(..., D) -> (..., out)``.
+    """
+
+    def __init__(self, dim: int, hidden: int = 512, out: int = 512) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden, bias=False)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, out, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(self.norm(x))))
+
+
+class TokenInfoNCE(nn.Module):
+    """L_equiv between two token maps and the relative element that aligns them.
+
+    Args:
+        tau: temperature (paper: 0.3 MoCo-v3/Barlow Twins, 0.5 DINO; authors' code 0.4-0.5).
+        symmetric: average the view1→view2 and view2→view1 directions.
+        same_branch_negatives: also use the query branch's other-image tokens as negatives.
+        max_negatives: bound on the negative pool per direction (None: all other-image tokens).
+        gather: ``"auto"`` gathers keys from all ranks when torch.distributed is initialised.
+        interpolation: resampling of ρ's scale part (``"bilinear"`` or ``"bicubic"``).
+        chunk_elements: similarity entries processed at once (memory knob, result unchanged).
+
+    Shape:
+        ``f1``: ``(n, C, h1, w1)``, ``f2``: ``(n, C, h2, w2)``, ``g``: ``n`` elements mapping view 1's frame
+        into view 2's (``g2 ∘ g1⁻¹``). Output: scalar.
+
+    Under torch.distributed the returned value is scaled so that DDP's gradient averaging reproduces the
+    single-process loss on the global batch: ``world_size · Σ_local / N_global``.
+    """
+
+    def __init__(
+        self,
+        tau: float = 0.4,
+        symmetric: bool = True,
+        same_branch_negatives: bool = False,
+        max_negatives: Optional[int] = None,
+        gather: str | bool = "auto",
+        interpolation: str = "bilinear",
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    ) -> None:
+        super().__init__()
+        if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
+            raise SERError(f"tau must be a positive finite number, got {tau!r}.")
+        if max_negatives is not None and (not isinstance(max_negatives, int) or max_negatives < 1):
+            raise SERError(f"max_negatives must be None or a positive int, got {max_negatives!r}.")
+        if interpolation not in ("bilinear", "bicubic", "nearest", "area"):
+            raise SERError(f"interpolation must be 'bilinear' or 'bicubic' (or nearest/area), got {interpolation!r}.")
+        self.tau = float(tau)
+        self.symmetric = symmetric
+        self.same_branch_negatives = same_branch_negatives
+        self.max_negatives = max_negatives
+        self.gather = gather
+        self.interpolation = interpolation
+        self.chunk_elements = int(chunk_elements)
+
+    def forward(
+        self,
+        f1: Tensor,
+        f2: Tensor,
+        g: GroupElement,
+        keys: Optional[Tuple[Tensor, Tensor]] = None,
+        head: Optional[nn.Module] = None,
+    ) -> Tensor:
+        """Computes L_equiv.
+
+        Args:
+            f1, f2: view 1 and view 2 token maps ``(n, C, h, w)``.
+            g: relative elements ``g2 ∘ g1⁻¹`` (one per image).
+            keys: optional ``(k1, k2)`` maps of a momentum/teacher encoder for the same views, used as
+                (no-grad) keys instead of the online maps.
+            head: optional token-wise module applied before ρ.
+        """
+        for name, f in (("f1", f1), ("f2", f2)):
+            if not isinstance(f, Tensor) or f.dim() != 4:
+                raise SERError(f"{name} must be a (n, C, h, w) token map, got {tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__}.")
+        if f1.shape[:2] != f2.shape[:2]:
+            raise SERError(f"the two views' token maps disagree in images or channels: {tuple(f1.shape)} vs {tuple(f2.shape)}.")
+        n = f1.shape[0]
+        if not isinstance(g, GroupElement) or len(g) != n:
+            raise SERError(f"need one relative element per image: {n} images (maps {tuple(f1.shape)}), got {len(g) if isinstance(g, GroupElement) else type(g).__name__}.")
+        gather = world_size() > 1 if self.gather == "auto" else bool(self.gather)
+        if n < 2 and not gather:
+            raise SERError(f"L_equiv needs at least 2 images for negatives, got n={n} (maps {tuple(f1.shape)}); raise the b2 share.")
+        h2, w2 = f2.shape[-2:]
+        z1, z2 = self._head(f1, head), self._head(f2, head)
+        z1a = rho(z1, g, size=(h2, w2), mode=self.interpolation)
+        if keys is not None:
+            with torch.no_grad():
+                k1, k2 = keys
+                if k1.shape[0] != n or k2.shape[0] != n:
+                    raise SERError(f"teacher keys {tuple(k1.shape)}, {tuple(k2.shape)} do not match the {n} images of the online maps.")
+                t1 = rho(self._head(k1.detach(), head), g, size=(h2, w2), mode=self.interpolation)
+                t2 = self._head(k2.detach(), head)
+        else:
+            t1, t2 = z1a, z2
+        seq = lambda z: rearrange(z, "n c h w -> n (h w) c")  # noqa: E731
+        total, count = info_nce_tokens(
+            seq(z2), seq(t1), self.tau, extra_negatives=seq(z2) if self.same_branch_negatives else None,
+            gather=gather, max_negatives=self.max_negatives, chunk_elements=self.chunk_elements,
+        )
+        if self.symmetric:
+            t_b, c_b = info_nce_tokens(
+                seq(z1a), seq(t2), self.tau, extra_negatives=seq(z1a) if self.same_branch_negatives else None,
+                gather=gather, max_negatives=self.max_negatives, chunk_elements=self.chunk_elements,
+            )
+            loss = 0.5 * (total / count + t_b / c_b)
+        else:
+            loss = total / count
+        return loss * (world_size() if gather else 1)
+
+    @staticmethod
+    def _head(f: Tensor, head: Optional[nn.Module]) -> Tensor:
+        if head is None:
+            return f
+        return rearrange(head(rearrange(f, "n c h w -> n h w c")), "n h w c -> n c h w")
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau}, symmetric={self.symmetric}, same_branch_negatives={self.same_branch_negatives}, max_negatives={self.max_negatives}"

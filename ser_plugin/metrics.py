@@ -1,0 +1,92 @@
+"""Equivariance score: how well ρ_g(F_L(x)) predicts F_L(g·x), per layer."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .capture import InputSizeRecorder, block_tokens, detect_patch_size, find_blocks, resolve_layer, tokens_to_map
+from .errors import SERError
+from .group import D4_ELEMENTS, GroupElement, act_image, rho
+
+__all__ = ["equivariance_score"]
+
+
+class _Grab:
+    def __init__(self, store: Dict[int, Tensor], layer: int) -> None:
+        self.store, self.layer = store, layer
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.store[self.layer] = block_tokens(output)
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> None:
+        raise SERError("equivariance_score's temporary hooks are not meant to be copied.")
+
+
+@torch.no_grad()
+def equivariance_score(
+    model: nn.Module,
+    x: Tensor,
+    layers: Union[None, int, Sequence[int]] = None,
+    *,
+    blocks: Union[None, str, Sequence[nn.Module]] = None,
+    patch_size: Optional[int] = None,
+    elements: Optional[Sequence[tuple]] = None,
+    forward: Optional[Callable[[nn.Module, Tensor], Any]] = None,
+) -> Dict[int, Dict[str, float]]:
+    """Mean cosine similarity between ``ρ_g(F_L(x))`` and ``F_L(g·x)`` over tokens, images and ``g ≠ e``.
+
+    Two figures per layer (method.md §8): ``raw`` and ``centred`` (each map's mean token subtracted per
+    image and channel first — the raw score has a high floor from background and the shared mean).
+    The model runs in eval mode (restored afterwards) under no_grad; prefix tokens are removed per layer.
+
+    Args:
+        model: the ViT. x: ``(B, C, H, W)`` square, patch-aligned images (already normalised as the model expects).
+        layers: one layer, several, or None for all ``1..depth``.
+        elements: D4 elements ``(rot, flip)`` to average over (default: the 7 non-identity ones).
+    Returns:
+        ``{layer: {"raw": float, "centred": float}}``.
+    """
+    blist = find_blocks(model, blocks)
+    depth = len(blist)
+    wanted = list(range(1, depth + 1)) if layers is None else ([layers] if isinstance(layers, int) else list(layers))
+    idx = {L: resolve_layer(L, depth) for L in wanted}
+    if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[-1] != x.shape[-2]:
+        raise SERError(f"equivariance_score needs square images (B, C, H, H) so quarter turns keep the shape, got {tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}.")
+    psz = (patch_size, patch_size) if patch_size is not None else detect_patch_size(model)
+    if psz is None:
+        raise SERError("the patch size could not be detected; pass patch_size=.")
+    els = [e for e in D4_ELEMENTS if e != (0, 0)] if elements is None else list(elements)
+    store: Dict[int, Tensor] = {}
+    rec = InputSizeRecorder()
+    handles = [model.register_forward_pre_hook(rec, with_kwargs=True)]
+    handles += [blist[i].register_forward_hook(_Grab(store, L)) for L, i in idx.items()]
+    was_training = model.training
+    model.eval()
+    run: Callable[[Tensor], Any] = (lambda t: forward(model, t)) if forward is not None else model
+
+    def maps(inp: Tensor) -> Dict[int, Tensor]:
+        store.clear()
+        run(inp)
+        return {L: tokens_to_map(store[L], rec.hw, psz, None, L)[0].float() for L in wanted}
+
+    try:
+        base = maps(x)
+        sums: Dict[int, List[float]] = {L: [0.0, 0.0] for L in wanted}
+        for k, f in els:
+            g = GroupElement.from_d4([k] * x.shape[0], [f] * x.shape[0], device=x.device)
+            moved = maps(act_image(x, g))
+            for L in wanted:
+                pred, tgt = rho(base[L], g), moved[L]
+                sums[L][0] += F.cosine_similarity(pred, tgt, dim=1).mean().item()
+                pc = pred - pred.mean(dim=(2, 3), keepdim=True)
+                tc = tgt - tgt.mean(dim=(2, 3), keepdim=True)
+                sums[L][1] += F.cosine_similarity(pc, tc, dim=1).mean().item()
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {L: {"raw": s[0] / len(els), "centred": s[1] / len(els)} for L, s in sums.items()}
