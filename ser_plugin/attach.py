@@ -43,7 +43,7 @@ class _CaptureHook:
     never write into the original's captures; attach a separate SER to the copy if it needs one.
     """
 
-    def __init__(self, owner: "SER") -> None:
+    def __init__(self, owner: SER) -> None:
         self.owner = owner
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -220,7 +220,7 @@ class SER(nn.Module):
             raise _EarlyExit()
 
     @contextmanager
-    def capture(self) -> Iterator["SER"]:
+    def capture(self) -> Iterator[SER]:
         """Arms the hook: every forward pass of the model inside the block records layer L's token map."""
         self._check_attached()
         self._armed, self._grad_at_arm = True, torch.is_grad_enabled()
@@ -353,13 +353,13 @@ class SER(nn.Module):
             self._late = None
         self._captures = []
 
-    def __enter__(self) -> "SER":
+    def __enter__(self) -> SER:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.remove()
 
-    def __deepcopy__(self, memo: Dict[int, Any]) -> "SER":
+    def __deepcopy__(self, memo: Dict[int, Any]) -> SER:
         raise SERError("an SER handle cannot be deep-copied (it is bound to one model's hooks); attach a new one to the copy.")
 
     def extra_repr(self) -> str:

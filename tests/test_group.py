@@ -13,7 +13,7 @@ from einops import rearrange, reduce
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ser_plugin import SERError, GroupElement, act_image, rho
+from ser_plugin import GroupElement, SERError, act_image, rho
 
 
 # ---------------------------------------------------------------- implementations under test
