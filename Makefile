@@ -30,7 +30,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 setup: $(VENV)/.installed
 
 lint: setup
-	$(PY) -m ruff check ser_plugin tests examples benchmarks
+	$(PY) -m ruff check $(wildcard ser_plugin tests examples benchmarks)
 
 test: setup lint
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -4,7 +4,7 @@
     ser = attach_ser(model, layer=6)
 """
 
-from .attach import SER, attach_ser
+from .attach import SER, attach_ser, remove_ser
 from .errors import SERError
 from .group import D4_ELEMENTS, GroupElement, act_image, rho, transform_grid
 from .late_cls import LateCLS, convert_late_cls
@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "attach_ser",
     "SER",
+    "remove_ser",
     "SERError",
     "GroupElement",
     "D4_ELEMENTS",

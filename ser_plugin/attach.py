@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -24,11 +23,7 @@ from .late_cls import LateCLS, convert_late_cls
 from .loss import DEFAULT_CHUNK_ELEMENTS, TokenHead, TokenInfoNCE
 from .views import EquivariantViews, ViewPair
 
-__all__ = ["SER", "attach_ser"]
-
-# models with a live SER handle: attaching twice is refused
-_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
-
+__all__ = ["SER", "attach_ser", "remove_ser"]
 
 class _EarlyExit(Exception):
     """Raised by the hook after block L in :meth:`SER.encode`, to skip the blocks above L."""
@@ -42,18 +37,18 @@ class _InertHook:
 
 
 class _CaptureHook:
-    """Forward hook on block L. Holds its SER handle weakly and records only while the handle is armed.
+    """Forward hook on block L. Holds its SER handle and records only while the handle is armed.
 
     ``copy.deepcopy(model)`` (teachers built as copies) turns it into an :class:`_InertHook`, so the copy can
     never write into the original's captures; attach a separate SER to the copy if it needs one.
     """
 
-    def __init__(self, owner: "SER") -> None:
-        self._owner = weakref.ref(owner)
+    def __init__(self, owner: SER) -> None:
+        self.owner = owner
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
-        owner = self._owner()
-        if owner is not None and owner._armed and module is owner._block:
+        owner = self.owner
+        if owner._armed and module is owner._block:
             owner._record(output)
 
     def __deepcopy__(self, memo: Dict[int, Any]) -> _InertHook:
@@ -130,9 +125,13 @@ class SER(nn.Module):
                 "the model is already compiled (torch.compile): hooks registered after compiling are silently "
                 "ignored (pytorch#117758). Attach SER first, then compile: ser = attach_ser(model, L); model = torch.compile(model)."
             )
-        prev = _ATTACHED.get(model)
-        if prev is not None and prev() is not None and prev().is_attached:
-            raise SERError(f"SER is already attached to this {type(model).__name__} (layer {prev().layer}); call .remove() on that handle first.")
+        for mod in model.modules():
+            for hook in mod._forward_hooks.values():
+                if isinstance(hook, _CaptureHook) and hook.owner.is_attached:
+                    raise SERError(
+                        f"SER is already attached to this {type(model).__name__} (layer {hook.owner.layer}); call .remove() on that handle first "
+                        "(or ser_plugin.remove_ser(model) if the handle is lost)."
+                    )
         if not (isinstance(lam, (int, float)) and lam >= 0):
             raise SERError(f"lam must be a number >= 0, got {lam!r}.")
         blist = find_blocks(model, blocks)
@@ -182,7 +181,6 @@ class SER(nn.Module):
             # registered after the capture hook, so the capture sees block L's patch tokens before [CLS] returns
             self._late = convert_late_cls(model, self.layer, blocks)
             self._prefix = 0
-        _ATTACHED[model] = weakref.ref(self)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -222,7 +220,7 @@ class SER(nn.Module):
             raise _EarlyExit()
 
     @contextmanager
-    def capture(self) -> Iterator["SER"]:
+    def capture(self) -> Iterator[SER]:
         """Arms the hook: every forward pass of the model inside the block records layer L's token map."""
         self._check_attached()
         self._armed, self._grad_at_arm = True, torch.is_grad_enabled()
@@ -354,17 +352,14 @@ class SER(nn.Module):
             self._late.remove()
             self._late = None
         self._captures = []
-        ref = _ATTACHED.get(self._model)
-        if ref is not None and ref() is self:
-            del _ATTACHED[self._model]
 
-    def __enter__(self) -> "SER":
+    def __enter__(self) -> SER:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.remove()
 
-    def __deepcopy__(self, memo: Dict[int, Any]) -> "SER":
+    def __deepcopy__(self, memo: Dict[int, Any]) -> SER:
         raise SERError("an SER handle cannot be deep-copied (it is bound to one model's hooks); attach a new one to the copy.")
 
     def extra_repr(self) -> str:
@@ -396,3 +391,11 @@ def attach_ser(model: nn.Module, layer: int, **kwargs: Any) -> SER:
         >>> ser.remove()
     """
     return SER(model, layer, **kwargs)
+
+
+def remove_ser(model: nn.Module) -> int:
+    """Removes every SER attached to ``model`` (for when the handle was lost); returns how many."""
+    owners = {id(h.owner): h.owner for m in model.modules() for h in m._forward_hooks.values() if isinstance(h, _CaptureHook)}
+    for owner in owners.values():
+        owner.remove()
+    return len(owners)

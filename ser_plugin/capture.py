@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-import torch
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -202,7 +201,7 @@ class InputSizeRecorder:
         if x is not None:
             self.hw = (int(x.shape[-2]), int(x.shape[-1]))
 
-    def __deepcopy__(self, memo: Dict[int, Any]) -> "InputSizeRecorder":
+    def __deepcopy__(self, memo: Dict[int, Any]) -> InputSizeRecorder:
         return InputSizeRecorder()
 
 

@@ -78,7 +78,7 @@ class GroupElement:
         flip: Union[Sequence[bool], Sequence[int], Tensor],
         scale: Optional[Union[Tuple[float, float], Tensor]] = None,
         device: Optional[Union[str, torch.device]] = None,
-    ) -> "GroupElement":
+    ) -> GroupElement:
         """Builds a batch from per-sample rotations, flips and an optional scale.
 
         Args:
@@ -106,7 +106,7 @@ class GroupElement:
         return GroupElement(rot_t, flip_t, sc)
 
     @staticmethod
-    def identity(n: int, device: Optional[Union[str, torch.device]] = None) -> "GroupElement":
+    def identity(n: int, device: Optional[Union[str, torch.device]] = None) -> GroupElement:
         """``n`` identity elements."""
         return GroupElement.from_d4(torch.zeros(n, dtype=torch.long, device=device), torch.zeros(n, dtype=torch.bool, device=device))
 
@@ -117,7 +117,7 @@ class GroupElement:
         flips: bool = True,
         device: Optional[Union[str, torch.device]] = None,
         generator: Optional[torch.Generator] = None,
-    ) -> "GroupElement":
+    ) -> GroupElement:
         """``n`` D4 elements drawn uniformly (from the rotations and/or flips allowed)."""
         gdev = generator.device if generator is not None else device
         rot = torch.randint(0, 4, (n,), generator=generator, device=gdev) if rotations else torch.zeros(n, dtype=torch.long, device=gdev)
@@ -132,25 +132,25 @@ class GroupElement:
     def device(self) -> torch.device:
         return self.rot.device
 
-    def to(self, device: Union[str, torch.device]) -> "GroupElement":
+    def to(self, device: Union[str, torch.device]) -> GroupElement:
         return GroupElement(self.rot.to(device), self.flip.to(device), self.scale.to(device))
 
-    def __getitem__(self, idx: Union[int, slice, Tensor]) -> "GroupElement":
+    def __getitem__(self, idx: Union[int, slice, Tensor]) -> GroupElement:
         if isinstance(idx, int):
             idx = slice(idx, idx + 1 if idx != -1 else None)
         return GroupElement(self.rot[idx], self.flip[idx], self.scale[idx])
 
     @staticmethod
-    def cat(elements: Sequence["GroupElement"]) -> "GroupElement":
+    def cat(elements: Sequence[GroupElement]) -> GroupElement:
         return GroupElement(
             torch.cat([e.rot for e in elements]), torch.cat([e.flip for e in elements]), torch.cat([e.scale for e in elements])
         )
 
-    def _check_same_batch(self, other: "GroupElement") -> None:
+    def _check_same_batch(self, other: GroupElement) -> None:
         if len(self) != len(other):
             raise SERError(f"cannot combine element batches of sizes {len(self)} and {len(other)}; they must match sample by sample.")
 
-    def compose(self, other: "GroupElement") -> "GroupElement":
+    def compose(self, other: GroupElement) -> GroupElement:
         """``self ∘ other``: ``other`` acts first. Per sample."""
         self._check_same_batch(other)
         sign = torch.where(self.flip, -1, 1)
@@ -160,24 +160,24 @@ class GroupElement:
         swapped = torch.where((self.rot % 2 == 1)[:, None], other_scale.flip(-1), other_scale)
         return GroupElement(rot, flip, self.scale * swapped)
 
-    def __matmul__(self, other: "GroupElement") -> "GroupElement":
+    def __matmul__(self, other: GroupElement) -> GroupElement:
         return self.compose(other)
 
-    def inverse(self) -> "GroupElement":
+    def inverse(self) -> GroupElement:
         """Per-sample inverse: reflections are involutions, rotations negate, scales invert (swapped past odd turns)."""
         rot = torch.where(self.flip, self.rot, (-self.rot) % 4)
         inv_scale = 1.0 / self.scale
         scale = torch.where((self.rot % 2 == 1)[:, None], inv_scale.flip(-1), inv_scale)
         return GroupElement(rot, self.flip.clone(), scale)
 
-    def d4(self) -> "GroupElement":
+    def d4(self) -> GroupElement:
         """The D4 part alone (scale dropped)."""
         return GroupElement(self.rot, self.flip, torch.ones_like(self.scale))
 
     def is_identity(self, atol: float = 1e-12) -> bool:
         return bool((self.rot == 0).all() and (~self.flip).all() and torch.allclose(self.scale, torch.ones_like(self.scale), atol=atol, rtol=0))
 
-    def equals(self, other: "GroupElement", atol: float = 1e-9) -> bool:
+    def equals(self, other: GroupElement, atol: float = 1e-9) -> bool:
         self._check_same_batch(other)
         o = other.to(self.device)
         return bool((self.rot == o.rot).all() and (self.flip == o.flip).all() and torch.allclose(self.scale, o.scale, atol=atol, rtol=0))

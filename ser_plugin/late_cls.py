@@ -55,7 +55,7 @@ class LateCLS:
             h.remove()
         self._handles = []
 
-    def __enter__(self) -> "LateCLS":
+    def __enter__(self) -> LateCLS:
         return self
 
     def __exit__(self, *exc: Any) -> None:

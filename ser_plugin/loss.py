@@ -230,7 +230,7 @@ def info_nce_tokens(
         kmat, kid = kmat.index_select(0, sel), kid.index_select(0, sel)
     qid = torch.arange(n, device=q.device).repeat_interleave(t) + offset
     lse_neg = negative_logsumexp(qn.reshape(n * t, -1), kmat, qid, kid, tau, chunk_elements)
-    loss = torch.logaddexp(pos, lse_neg) - pos
+    loss = F.softplus(lse_neg - pos)  # = logaddexp(pos, lse_neg) - pos, without cancellation
     return loss.sum(), n_global
 
 

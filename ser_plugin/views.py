@@ -39,7 +39,7 @@ class ViewPair(NamedTuple):
         """``g = g2 ∘ g1⁻¹``, so that ``g2·x = g·(g1·x)``: it maps view 1's frame into view 2's."""
         return self.g2.compose(self.g1.inverse())
 
-    def to(self, device: Union[str, torch.device], non_blocking: bool = False) -> "ViewPair":
+    def to(self, device: Union[str, torch.device], non_blocking: bool = False) -> ViewPair:
         return ViewPair(self.x1.to(device, non_blocking=non_blocking), self.x2.to(device, non_blocking=non_blocking), self.g1.to(device), self.g2.to(device))
 
 
