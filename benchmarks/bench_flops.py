@@ -105,11 +105,11 @@ def host_contrastive(q: torch.Tensor, k: torch.Tensor, world: int, temp: float =
 
 
 def count_step(img: int, batch: int, b2: float, world: int, max_negatives: Optional[int] = None,
-               head: bool = False, layer: int = 3, ser_on: bool = True, arch: str = "vit_small_patch16_224") -> Dict:
+               head: bool = False, layer: int = 3, ser_on: bool = True, arch: str = "vit_small_patch16_224", hidden: int = 4096) -> Dict:
     """Total FLOPs (and the SER loss's share) of one training step on meta."""
     torch.manual_seed(0)
     with torch.device("meta"):
-        model = MoCoV3Like(img, arch)
+        model = MoCoV3Like(img, arch, hidden=hidden)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     x1 = torch.empty(batch, 3, img, img, device="meta")
     x2 = torch.empty(batch, 3, img, img, device="meta")
@@ -220,13 +220,14 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256, help="per-GPU batch")
     p.add_argument("--world", type=int, default=8, help="simulated GPUs whose keys the losses see")
     p.add_argument("--budget", type=int, default=4096, help="max_negatives for the budget rows")
-    p.add_argument("--quick", action="store_true", help="a tiny ViT at 64 px (smoke test)")
+    p.add_argument("--quick", action="store_true", help="a tiny ViT at 64 px, 3 configurations, 256-wide heads (smoke test)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     patch_rho_for_meta()
     check = cross_check()
     print(json.dumps({"cross_check": check}), flush=True)
     arch, sizes = ("vit_small_patch16_224", [224, 320, 448]) if not args.quick else ("vit_tiny_patch16_224", [64])
+    hidden = 256 if args.quick else 4096
     rows: List[Dict] = []
     for img in sizes:
         bases: Dict[int, Dict] = {}
@@ -238,9 +239,9 @@ def main() -> None:
         if args.quick:
             configs = [(0.25, None, False, args.world), (0.25, args.budget, False, args.world), (0.25, None, False, 1)]
         for b2, mneg, head, world in configs:
-            r = count_step(img, args.batch, b2, world, max_negatives=mneg, head=head, arch=arch)
+            r = count_step(img, args.batch, b2, world, max_negatives=mneg, head=head, arch=arch, hidden=hidden)
             if world not in bases:
-                bases[world] = count_step(img, args.batch, 0.0, world, ser_on=False, arch=arch)
+                bases[world] = count_step(img, args.batch, 0.0, world, ser_on=False, arch=arch, hidden=hidden)
             base_w = bases[world]
             row = {
                 "img": img, "tokens_per_image": r["tokens_per_image"], "b2": b2, "b2_images": r["b2_images"],

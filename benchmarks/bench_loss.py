@@ -111,6 +111,7 @@ def main() -> None:
     p.add_argument("--naive-limit-gb", type=float, default=6.0, help="skip the naive version above this estimate")
     p.add_argument("--no-rss", action="store_true", help="skip the subprocess RSS measurements")
     p.add_argument("--out", default=None)
+    p.add_argument("--tag", default="", help="suffix of the result file name (perf_<name><tag>.json)")
     p.add_argument("--child-version", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-tokens", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -169,7 +170,7 @@ def main() -> None:
         "repeats; peak: tensor bytes alive during forward+backward (meta device where not timed); RSS: peak-RSS delta "
         "in a fresh process (fixed glibc mmap threshold).\n\n" + md_table(rows, cols) + "\n"
     )
-    save("loss", {"rows": rows, "args": vars(args)}, md, args.out)
+    save("loss" + args.tag, {"rows": rows, "args": vars(args)}, md, args.out)
     print(md)
 
 

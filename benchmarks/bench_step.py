@@ -127,6 +127,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     p.add_argument("--no-rss", action="store_true")
     p.add_argument("--out", default=None)
+    p.add_argument("--tag", default="", help="suffix of the result file name (perf_<name><tag>.json)")
     p.add_argument("--child-b2", type=float, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child_b2 is not None:
@@ -175,7 +176,7 @@ def main() -> None:
         "(activations, gradients, temporaries); total = step_peak + static (parameters, momentum copy, AdamW state); "
         "rss: peak-RSS delta of one step in a fresh process.\n\n" + md_table(rows, cols) + "\n"
     )
-    save("step" if args.max_negatives is None else f"step_budget{args.max_negatives}", {"rows": rows, "times": times, "cpu_times": cpu, "args": vars(args)}, md, args.out)
+    save(("step" if args.max_negatives is None else f"step_budget{args.max_negatives}") + args.tag, {"rows": rows, "times": times, "cpu_times": cpu, "args": vars(args)}, md, args.out)
     print(md)
 
 
