@@ -52,7 +52,7 @@ def machine() -> Dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "loadavg_when_written": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "gpu": "none (CPU only)" if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "note": "shared machine (several agents on 2 cores): wall-clock ratios alternate configurations and use medians",
@@ -70,7 +70,7 @@ def save(name: str, data: Dict[str, Any], markdown: str, out_dir: Optional[Path]
     head = (
         f"Command: `{data['command']}`\n\n"
         f"Machine: {m['cpu']}, {m['cores_visible']} cores visible, torch {m['torch']}, {m['gpu']}, "
-        f"load avg at start {m['loadavg_at_start']}, {m['date_utc']}. {m['note']}.\n\n"
+        f"load avg {m['loadavg_when_written']}, {m['date_utc']}. {m['note']}.\n\n"
     )
     (out / f"perf_{name}.md").write_text(head + markdown.rstrip() + "\n")
     return path
