@@ -110,12 +110,14 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--naive-limit-gb", type=float, default=6.0, help="skip the naive version above this estimate")
     p.add_argument("--no-rss", action="store_true", help="skip the subprocess RSS measurements")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     p.add_argument("--out", default=None)
     p.add_argument("--tag", default="", help="suffix of the result file name (perf_<name><tag>.json)")
     p.add_argument("--child-version", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-tokens", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     patch_rho_for_meta()
+    torch.set_num_threads(args.threads)
     if args.child_version:
         child(args)
         return
@@ -166,7 +168,7 @@ def main() -> None:
             "memory_ratio_naive_over_ours", "ours_rss_MiB", "naive_rss_MiB", "ours_bytes_per_token", "memory_device", "naive"]
     md = (
         "## L_equiv vs the full-matrix approach (symmetric, forward+backward)\n\n"
-        f"Token maps (n, {args.channels}, {GRID}, {GRID}), tau {args.tau}; time: median of {args.repeats} alternating "
+        f"Token maps (n, {args.channels}, {GRID}, {GRID}), tau {args.tau}, torch threads {args.threads}; time: median of {args.repeats} alternating "
         "repeats; peak: tensor bytes alive during forward+backward (meta device where not timed); RSS: peak-RSS delta "
         "in a fresh process (fixed glibc mmap threshold).\n\n" + md_table(rows, cols) + "\n"
     )

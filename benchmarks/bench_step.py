@@ -62,10 +62,12 @@ def build(args: argparse.Namespace, b2: float, seed: int = 0):
     online = list(model.base.parameters()) + list(model.projector.parameters())
     momentum = list(model.m_base.parameters()) + list(model.m_projector.parameters())
 
+    loader_pair = ser.views(x1[:n]) if ser is not None and args.views_in_loader else None
+
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         if ser is not None:
-            pair = ser.views(x1[:n])
+            pair = loader_pair if loader_pair is not None else ser.views(x1[:n])
             with ser.capture():
                 v1, v2 = model.base(pair.x1), model.base(pair.x2)
             e1, e2 = model.base(x1[n:]), model.base(x2[n:])
@@ -111,7 +113,7 @@ def child(args: argparse.Namespace) -> None:
 def rss_in_subprocess(b2: float, args: argparse.Namespace) -> int:
     env = {**os.environ, **RSS_ENV}
     cmd = [sys.executable, __file__, "--child-b2", str(b2), "--batch", str(args.batch), "--img", str(args.img),
-           "--layer", str(args.layer)] + (["--max-negatives", str(args.max_negatives)] if args.max_negatives else [])
+           "--layer", str(args.layer)] + (["--views-in-loader"] if args.views_in_loader else []) + (["--max-negatives", str(args.max_negatives)] if args.max_negatives else [])
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return int(json.loads(out.stdout.strip().splitlines()[-1])["rss_peak_delta"])
 
@@ -125,6 +127,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--max-negatives", type=int, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
+    p.add_argument("--views-in-loader", action="store_true",
+                   help="make SER's views outside the timed step, as the host's own views are (data-loader placement)")
     p.add_argument("--no-rss", action="store_true")
     p.add_argument("--out", default=None)
     p.add_argument("--tag", default="", help="suffix of the result file name (perf_<name><tag>.json)")

@@ -23,7 +23,7 @@ ROOT = HERE.parent
 PLANS: Dict[str, Dict[str, List[str]]] = {
     "flops": {"default": [], "full": [], "quick": ["--quick", "--batch", "16"]},
     "loss": {
-        "default": ["--tokens", "1000", "2000", "4000", "10000", "20000", "50000", "100000", "--time-max", "4000"],
+        "default": ["--tokens", "1000", "2000", "4000", "10000", "20000", "50000", "100000", "--time-max", "10000"],
         "full": ["--full", "--repeats", "5"],
         "quick": ["--tokens", "200", "400", "--repeats", "1", "--no-rss"],
     },
