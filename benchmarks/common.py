@@ -34,6 +34,17 @@ def command_line() -> str:
     return "PYTHONPATH=$PWD python " + " ".join(shlex.quote(a) for a in [script] + sys.argv[1:])
 
 
+def _git_commit() -> Optional[str]:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "ser_plugin"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() + ("+dirty ser_plugin" if dirty.stdout.strip() else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def machine() -> Dict[str, Any]:
     """What the figures ran on (CPU model, cores, torch, load), for the result files."""
     cpu = platform.processor() or ""
@@ -55,6 +66,7 @@ def machine() -> Dict[str, Any]:
         "loadavg_when_written": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "gpu": "none (CPU only)" if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "git_commit": _git_commit(),
         "note": "shared machine (several agents on 2 cores): wall-clock ratios alternate configurations and use medians",
     }
 
@@ -70,7 +82,7 @@ def save(name: str, data: Dict[str, Any], markdown: str, out_dir: Optional[Path]
     head = (
         f"Command: `{data['command']}`\n\n"
         f"Machine: {m['cpu']}, {m['cores_visible']} cores visible, torch {m['torch']}, {m['gpu']}, "
-        f"load avg {m['loadavg_when_written']}, {m['date_utc']}. {m['note']}.\n\n"
+        f"load avg {m['loadavg_when_written']}, {m['date_utc']}, commit {m['git_commit']}. {m['note']}.\n\n"
     )
     (out / f"perf_{name}.md").write_text(head + markdown.rstrip() + "\n")
     return path
