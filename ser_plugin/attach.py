@@ -120,6 +120,8 @@ class SER(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise SERError(f"attach_ser needs an nn.Module, got {type(model).__name__}.")
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module  # hook the wrapped model: its hooks fire when the wrapper is called
         if is_compiled(model):
             raise SERError(
                 "the model is already compiled (torch.compile): hooks registered after compiling are silently "
