@@ -36,6 +36,11 @@ class _InertHook:
         return None
 
 
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass: checkpoint recomputation re-runs block L there, not a new view."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class _CaptureHook:
     """Forward hook on block L. Holds its SER handle and records only while the handle is armed.
 
@@ -48,7 +53,7 @@ class _CaptureHook:
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
         owner = self.owner
-        if owner._armed and module is owner._block:
+        if owner._armed and module is owner._block and not _in_backward():
             owner._record(output)
 
     def __deepcopy__(self, memo: Dict[int, Any]) -> _InertHook:
