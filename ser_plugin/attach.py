@@ -148,6 +148,10 @@ class SER(nn.Module):
         object.__setattr__(self, "_model", model)  # not a submodule
         object.__setattr__(self, "_block", blist[self.layer - 1])
         detected = detect_patch_size(model)
+        if patch_size is not None and (isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1):
+            raise SERError(f"patch_size must be a positive int, got {patch_size!r}.")
+        if isinstance(patch_size, int) and detected is not None and detected != (patch_size, patch_size):
+            raise SERError(f"patch_size={patch_size} but {type(model).__name__}'s patch embedding uses {detected}; drop patch_size= (it is detected).")
         self.patch_size: Optional[Tuple[int, int]] = (patch_size, patch_size) if isinstance(patch_size, int) else detected
         declared = declared_prefix_tokens(model) if num_prefix_tokens is None else int(num_prefix_tokens)
         if scale is not None and not _accepts_other_sizes(model):

@@ -52,6 +52,8 @@ def find_blocks(model: nn.Module, blocks: Union[None, str, Sequence[nn.Module]] 
         blocks: a dotted path (``"encoder.layer"``) or the list of block modules, to skip detection.
     """
     if blocks is not None:
+        if not isinstance(blocks, (str, nn.Module, list, tuple)):
+            raise SERError(f"blocks must be a dotted path like 'blocks' or a list of block modules, got {blocks!r}.")
         found = _get_path(model, blocks) if isinstance(blocks, str) else blocks
         if isinstance(found, nn.Module) and not isinstance(found, (nn.ModuleList, nn.Sequential)):
             raise SERError(f"blocks={blocks!r} resolves to a {type(found).__name__}, not a list of blocks (ModuleList/Sequential).")
