@@ -13,6 +13,7 @@ memory is linear in the number of tokens. All similarity arithmetic is fp32, als
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Tuple
 
@@ -31,6 +32,13 @@ __all__ = ["TokenInfoNCE", "TokenHead", "info_nce_tokens", "negative_logsumexp"]
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
 
 
+def _fp32(device: torch.device):
+    """Autocast off (similarities in fp32); a no-op on the meta device, which has no autocast (FLOP counting)."""
+    if device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 def _chunks(n: int, m: int, budget: int):
     rows = max(1, budget // max(m, 1))
     for s in range(0, n, rows):
@@ -42,7 +50,7 @@ class _NegativeLSE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, qid: Tensor, kid: Tensor, tau: float, budget: int) -> Tensor:  # type: ignore[override]
-        with torch.autocast(device_type=q.device.type, enabled=False):
+        with _fp32(q.device):
             qf, kf = q.float(), k.float()
             out = torch.empty(q.shape[0], device=q.device, dtype=torch.float32)
             kt = kf.t()
@@ -58,7 +66,7 @@ class _NegativeLSE(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         q, k, qid, kid, lse = ctx.saved_tensors
         tau, budget = ctx.tau, ctx.budget
-        with torch.autocast(device_type=q.device.type, enabled=False):
+        with _fp32(q.device):
             qf, kf = q.float(), k.float()
             gq = torch.zeros_like(qf) if ctx.needs_input_grad[0] else None
             gk = torch.zeros_like(kf) if ctx.needs_input_grad[1] else None
@@ -81,6 +89,81 @@ class _NegativeLSE(torch.autograd.Function):
             None,
             None,
         )
+
+
+class _SymmetricNegativeLSE(torch.autograd.Function):
+    """Both directions' negative logsumexps from one similarity matrix (the default symmetric case).
+
+    With the same-image mask symmetric and direction 2's similarities the transpose of direction 1's
+    (queries ``q`` = view 2, keys ``k`` = ρ(view 1), and the other way round), one pass over ``S = q·kᵀ/τ``
+    yields the row logsumexps (direction 1) and the column logsumexps (direction 2): half the matmuls of two
+    separate calls. ``q`` and ``k`` rows must have unit norm: then ``|S| ≤ c = 1/τ``, and ``S`` is shifted by
+    ``c`` so one ``exp`` serves rows and columns without overflow (and without a data-dependent maximum);
+    the caller uses this path only when ``2c`` is small enough that no entry can underflow (``exp(-2c)``
+    stays a normal fp32 number). Queries and keys are grouped by image,
+    ``t`` tokens each, so the same-image entries are diagonal blocks, masked by slicing.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, t: int, tau: float, budget: int) -> Tuple[Tensor, Tensor]:  # type: ignore[override]
+        with _fp32(q.device):
+            qf, kf = q.float(), k.float()
+            c = 1.0 / tau  # rows have unit norm, so S <= c (up to rounding) and exp(S - c) <= 1
+            row = torch.empty(q.shape[0], device=q.device, dtype=torch.float32)
+            col = torch.zeros(k.shape[0], device=q.device, dtype=torch.float32)
+            qs = qf / tau
+            kt = kf.t()
+            for s, e in _chunks(q.shape[0], k.shape[0], budget):
+                ex = _SymmetricNegativeLSE._shifted_exp(qs[s:e], kt, c, s, e, t)
+                row[s:e] = ex.sum(1)
+                col += ex.sum(0)
+            # log and shift in float64: keeps the absolute error of lse at fp32 rounding of the result, not of c
+            row, col = row.double().log_().add_(c).float(), col.double().log_().add_(c).float()
+        ctx.save_for_backward(q, k, row, col)
+        ctx.t, ctx.tau, ctx.budget, ctx.c = t, tau, budget, c
+        return row, col
+
+    @staticmethod
+    def _shifted_exp(qs: Tensor, kt: Tensor, c: float, s: int, e: int, t: int) -> Tensor:
+        """``exp(S[s:e] - c)`` with same-image entries zeroed."""
+        ex = torch.mm(qs, kt).sub_(c).exp_()
+        for img in range(s // t, (e - 1) // t + 1):
+            ex[max(img * t, s) - s : min((img + 1) * t, e) - s, img * t : (img + 1) * t] = 0.0
+        return ex
+
+    @staticmethod
+    def backward(ctx, grad_row: Tensor, grad_col: Tensor):  # type: ignore[override]
+        q, k, row, col = ctx.saved_tensors
+        t, tau, budget, c = ctx.t, ctx.tau, ctx.budget, ctx.c
+        with _fp32(q.device):
+            qf, kf = q.float(), k.float()
+            gq = torch.zeros_like(qf) if ctx.needs_input_grad[0] else None
+            gk = torch.zeros_like(kf) if ctx.needs_input_grad[1] else None
+            # dL/dS_ij = a_i·exp(S_ij - row_i) + b_j·exp(S_ij - col_j) = exp(S_ij - c)·(a_i' + b_j'), then S = q·kᵀ/τ
+            a = (grad_row.float() / tau) * torch.exp(c - row)
+            b = (grad_col.float() / tau) * torch.exp(c - col)
+            qs = qf / tau
+            kt = kf.t()
+            for s, e in _chunks(q.shape[0], k.shape[0], budget):
+                ex = _SymmetricNegativeLSE._shifted_exp(qs[s:e], kt, c, s, e, t)
+                p = ex * a[s:e, None]
+                p.addcmul_(ex, b[None, :])
+                del ex
+                if gq is not None:
+                    gq[s:e] = p @ kf
+                if gk is not None:
+                    gk.addmm_(p.t(), qf[s:e])
+        return (
+            gq.to(q.dtype) if gq is not None else None,
+            gk.to(k.dtype) if gk is not None else None,
+            None,
+            None,
+            None,
+        )
+
+
+#: the fused symmetric path needs ``exp(-2c)`` (its smallest possible term) to stay a normal fp32 number
+_MAX_SHIFT_SPAN = 80.0
 
 
 def negative_logsumexp(q: Tensor, k: Tensor, qid: Tensor, kid: Tensor, tau: float, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> Tensor:
@@ -255,6 +338,10 @@ class TokenInfoNCE(nn.Module):
         else:
             t1, t2 = z1a, z2
         seq = lambda z: rearrange(z, "n c h w -> n (h w) c")  # noqa: E731
+        if self.symmetric and keys is None and not self.same_branch_negatives and not gather and (
+            self.max_negatives is None or self.max_negatives >= n * h2 * w2
+        ) and 2.0 / self.tau <= _MAX_SHIFT_SPAN:
+            return self._fused_symmetric(seq(z2), seq(z1a))
         total, count = info_nce_tokens(
             seq(z2), seq(t1), self.tau, extra_negatives=seq(z2) if self.same_branch_negatives else None,
             gather=gather, max_negatives=self.max_negatives, chunk_elements=self.chunk_elements,
@@ -268,6 +355,18 @@ class TokenInfoNCE(nn.Module):
         else:
             loss = total / count
         return loss * (world_size() if gather else 1)
+
+    def _fused_symmetric(self, z2: Tensor, z1a: Tensor) -> Tensor:
+        """Both directions from one similarity matrix (single process, all negatives, online keys): same value
+        and gradient as the two separate directions, half the matmuls."""
+        n, t, _ = z2.shape
+        qn = F.normalize(z2.float(), dim=-1).reshape(n * t, -1)
+        kn = F.normalize(z1a.float(), dim=-1).reshape(n * t, -1)
+        pos = (qn * kn).sum(-1) / self.tau
+        lse_row, lse_col = _SymmetricNegativeLSE.apply(qn, kn, t, self.tau, self.chunk_elements)
+        # -log softmax at the positive = log(1 + exp(lse_neg - pos)); softplus avoids the cancellation of logaddexp - pos
+        total = F.softplus(lse_row - pos).sum() + F.softplus(lse_col - pos).sum()
+        return 0.5 * total / (n * t)
 
     @staticmethod
     def _head(f: Tensor, head: Optional[nn.Module]) -> Tensor:
