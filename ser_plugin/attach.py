@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -139,8 +140,8 @@ class SER(nn.Module):
                         f"SER is already attached to this {type(model).__name__} (layer {hook.owner.layer}); call .remove() on that handle first "
                         "(or ser_plugin.remove_ser(model) if the handle is lost)."
                     )
-        if not (isinstance(lam, (int, float)) and lam >= 0):
-            raise SERError(f"lam must be a number >= 0, got {lam!r}.")
+        if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
+            raise SERError(f"lam must be a finite number >= 0, got {lam!r}.")
         blist = find_blocks(model, blocks)
         self.depth = len(blist)
         self.layer = resolve_layer(layer, self.depth) + 1
@@ -340,7 +341,8 @@ class SER(nn.Module):
             return zero
         value = self.criterion(f1, f2, g, keys, self.head)
         if self.check_finite and not bool(torch.isfinite(value)):
-            bad = [name for name, f in (("view 1", f1), ("view 2", f2)) if not bool(torch.isfinite(f).all())]
+            maps = [("view 1", f1), ("view 2", f2)] + ([("teacher key 1", keys[0]), ("teacher key 2", keys[1])] if keys is not None else [])
+            bad = [name for name, f in maps if not bool(torch.isfinite(f).all())]
             raise SERError(
                 f"L_equiv is {value.item()} at layer {self.layer}: "
                 + (f"non-finite values (NaN/Inf) in the {' and '.join(bad)} token map(s) {tuple(f1.shape)}; the encoder diverged or got bad input."
