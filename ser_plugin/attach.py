@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from .capture import (
     InputSizeRecorder,
     block_tokens,
+    compiling,
     declared_prefix_tokens,
     detect_patch_size,
     find_blocks,
@@ -227,6 +228,8 @@ class SER(nn.Module):
                 "send no gradient. Use non-reentrant checkpointing (use_reentrant=False, timm >= 1.0.13) or disable it."
             )
         fmap, _ = tokens_to_map(tokens, self._recorder.hw, self.patch_size, self._prefix, self.layer)
+        if self._recorder.ptr is not None and not compiling():
+            fmap._ser_input_ptr = self._recorder.ptr  # type: ignore[attr-defined]  # checked in _pair_maps
         self._captures.append(fmap)
         if self._early_exit:
             raise _EarlyExit()
@@ -296,6 +299,12 @@ class SER(nn.Module):
             if len(pair.g1) != len(pair.g2) or pair.x1.shape[0] != len(pair.g1) or pair.x2.shape[0] != len(pair.g2):
                 raise SERError(
                     f"views and elements disagree: x1 {tuple(pair.x1.shape)}, x2 {tuple(pair.x2.shape)}, {len(pair.g1)} and {len(pair.g2)} elements."
+                )
+            a1, a2 = pair.x1.data_ptr(), pair.x2.data_ptr()
+            if a1 != a2 and (getattr(f1, "_ser_input_ptr", None), getattr(f2, "_ser_input_ptr", None)) == (a2, a1):
+                raise SERError(
+                    f"the captures ran on view 2 then view 1 (layer {self.layer}); ser.loss() takes them in order view 1, view 2: "
+                    "run model(pair.x1) before model(pair.x2) inside ser.capture(), or one pass on torch.cat([pair.x1, pair.x2])."
                 )
             if f1.shape[0] != n or f2.shape[0] != n:
                 raise SERError(f"captured maps {tuple(f1.shape)}, {tuple(f2.shape)} do not match the {n} images of the views; capture exactly the two views' passes.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+import torch
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -197,14 +198,23 @@ class InputSizeRecorder:
 
     def __init__(self) -> None:
         self.hw: Optional[Tuple[int, int]] = None
+        self.ptr: Optional[int] = None
 
     def __call__(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
         x = _first_image(args, kwargs)
         if x is not None:
             self.hw = (int(x.shape[-2]), int(x.shape[-1]))
+            # the input's address (no reference kept): lets ser.loss spot views captured in the wrong order
+            self.ptr = None if compiling() else x.data_ptr()
 
     def __deepcopy__(self, memo: Dict[int, Any]) -> InputSizeRecorder:
         return InputSizeRecorder()
+
+
+def compiling() -> bool:
+    """True while torch.compile traces (data pointers and tensor attributes are not available there)."""
+    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None) or torch._dynamo.is_compiling
+    return bool(fn())
 
 
 def is_compiled(model: nn.Module) -> bool:
