@@ -267,3 +267,20 @@ def test_nonfinite_features_are_named(handle, where, what):
 def test_nonfinite_or_negative_weights_refused(arg, value):
     with pytest.raises(SERError, match=arg):
         attach_ser(make_vit(0), LAYER, **{arg: value})
+
+
+def test_views_captured_in_swapped_order_are_refused(handle):
+    """model(x2) before model(x1) gives same-shaped maps and a finite but wrong loss: it must be refused."""
+    vit, ser = handle
+    pair = make_pair(make_images(4, seed=1), seed=2)
+    with ser.capture():
+        vit(pair.x1), vit(pair.x2)
+    right = ser.loss(pair)
+    with ser.capture():
+        vit(pair.x2), vit(pair.x1)
+    with pytest.raises(SERError, match="view 2 then view 1"):
+        ser.loss(pair)
+    with ser.capture():
+        vit(torch.cat([pair.x1, pair.x2]))
+    assert torch.allclose(ser.loss(pair), right, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(ser.forward_loss(pair), right, rtol=1e-5, atol=1e-6)
