@@ -62,7 +62,7 @@ def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     _torchrun("ddp_step.py", str(out))
     res = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
-    for name in ("even", "uneven", "wrapped", "nogather", "forward_loss"):
+    for name in ("even", "uneven", "wrapped", "nogather", "forward_loss", "ser_only"):
         for r in (0, 1):
             assert "error" not in res[r][name], f"rank {r}, scenario {name}: {res[r][name].get('error')}\n{res[r][name].get('traceback', '')}"
     return res
@@ -186,6 +186,26 @@ def test_forward_loss_under_ddp_equals_one_process(ddp_results):
     assert _close((r0["ser"] + r1["ser"]) / 2, ser_loss.detach())
     _assert_same_grads(r0["grads"], grads, "forward_loss, rank 0")
     _assert_same_grads(r1["grads"], grads, "forward_loss, rank 1")
+
+
+def test_ser_as_only_loss_through_ddp_forward(ddp_results):
+    """SER alone (no host loss): DDP(module whose forward is ser.encode, find_unused_parameters=True).
+    Two steps, each equal to one process (a plain DDP(vit) here would leave step 1 unsynced, then fail)."""
+    vit = make_vit(0)
+    ser = attach_ser(vit, LAYER, photometric=None)
+    opt = torch.optim.SGD(vit.parameters(), lr=ddp_step.LR)
+    x = make_images(ddp_step.EVEN_N, seed=10)
+    for step in range(2):
+        pair = make_pair(x, seed=40 + step)
+        loss = ser.criterion(ser.encode(pair.x1), ser.encode(pair.x2), pair.relative)
+        opt.zero_grad()
+        loss.backward()
+        grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone() for n, p in vit.named_parameters()}
+        opt.step()
+        r0, r1 = ddp_results[0]["ser_only"], ddp_results[1]["ser_only"]
+        assert _close((r0[f"ser{step}"] + r1[f"ser{step}"]) / 2, loss.detach())
+        _assert_same_grads(r0[f"grads{step}"], grads, f"SER only, step {step}, rank 0")
+        _assert_same_grads(r1[f"grads{step}"], grads, f"SER only, step {step}, rank 1")
 
 
 def test_lightning_ddp_strategy_equals_one_process(tmp_path):

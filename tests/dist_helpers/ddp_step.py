@@ -9,6 +9,7 @@ Scenarios (all in one launch, to pay the process start-up once):
 * ``wrapped``: attach_ser on the DDP wrapper itself (what users will try), host + SER loss.
 * ``nogather``: ``wrapped`` with gather=False — the control that shows the comparison can fail.
 * ``forward_loss``: ser.forward_loss (encoder run by SER, early exit) beside a host loss.
+* ``ser_only``: SER as the only loss, the encoder to block L run through DDP's forward; two steps.
 """
 
 from __future__ import annotations
@@ -123,6 +124,39 @@ def forward_loss(r: int, world: int) -> dict:
     return {"host": host.detach(), "ser": ser_loss.detach(), "grads": {n: p.grad.detach().clone() for n, p in vit.named_parameters()}}
 
 
+class EncodeL(nn.Module):
+    """SER as the only loss: DDP must see the encoder run to block L, so it runs through this module's forward."""
+
+    def __init__(self, vit: nn.Module, ser: nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+        self.ser = ser
+
+    def forward(self, x):
+        return self.ser.encode(x)
+
+
+def ser_only(r: int, world: int) -> dict:
+    """No host loss: DDP(EncodeL, find_unused_parameters=True), two steps (DDP itself fails step 2 if misused)."""
+    vit = make_vit(0)
+    ser = attach_ser(vit, LAYER, photometric=None)
+    enc = nn.parallel.DistributedDataParallel(EncodeL(vit, ser), find_unused_parameters=True)
+    opt = torch.optim.SGD(enc.parameters(), lr=LR)
+    x = make_images(EVEN_N, seed=10)
+    per = EVEN_N // world
+    out = {}
+    for step in range(2):
+        pair = slice_pair(make_pair(x, seed=40 + step), r * per, (r + 1) * per)
+        f1, f2 = enc(pair.x1), enc(pair.x2)
+        loss = ser.criterion(f1, f2, pair.relative)
+        opt.zero_grad()
+        loss.backward()
+        out[f"ser{step}"] = loss.detach()
+        out[f"grads{step}"] = {n: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone() for n, p in vit.named_parameters()}
+        opt.step()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -131,7 +165,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     r, world = dist.get_rank(), dist.get_world_size()
     res = {"world": world}
-    for name, fn in (("even", even), ("uneven", uneven), ("wrapped", wrapped), ("nogather", nogather), ("forward_loss", forward_loss)):
+    for name, fn in (("even", even), ("uneven", uneven), ("wrapped", wrapped), ("nogather", nogather), ("forward_loss", forward_loss), ("ser_only", ser_only)):
         try:
             res[name] = fn(r, world)
         except Exception as e:
