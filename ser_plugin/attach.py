@@ -16,6 +16,7 @@ from .capture import (
     declared_prefix_tokens,
     detect_patch_size,
     find_blocks,
+    input_address,
     is_compiled,
     resolve_layer,
     tokens_to_map,
@@ -300,8 +301,8 @@ class SER(nn.Module):
                 raise SERError(
                     f"views and elements disagree: x1 {tuple(pair.x1.shape)}, x2 {tuple(pair.x2.shape)}, {len(pair.g1)} and {len(pair.g2)} elements."
                 )
-            a1, a2 = pair.x1.data_ptr(), pair.x2.data_ptr()
-            if a1 != a2 and (getattr(f1, "_ser_input_ptr", None), getattr(f2, "_ser_input_ptr", None)) == (a2, a1):
+            a1, a2 = input_address(pair.x1), input_address(pair.x2)
+            if a1 is not None and a1 != a2 and (getattr(f1, "_ser_input_ptr", None), getattr(f2, "_ser_input_ptr", None)) == (a2, a1):
                 raise SERError(
                     f"the captures ran on view 2 then view 1 (layer {self.layer}); ser.loss() takes them in order view 1, view 2: "
                     "run model(pair.x1) before model(pair.x2) inside ser.capture(), or one pass on torch.cat([pair.x1, pair.x2])."

@@ -205,7 +205,7 @@ class InputSizeRecorder:
         if x is not None:
             self.hw = (int(x.shape[-2]), int(x.shape[-1]))
             # the input's address (no reference kept): lets ser.loss spot views captured in the wrong order
-            self.ptr = None if compiling() else x.data_ptr()
+            self.ptr = input_address(x)
 
     def __deepcopy__(self, memo: Dict[int, Any]) -> InputSizeRecorder:
         return InputSizeRecorder()
@@ -215,6 +215,16 @@ def compiling() -> bool:
     """True while torch.compile traces (data pointers and tensor attributes are not available there)."""
     fn = getattr(getattr(torch, "compiler", None), "is_compiling", None) or torch._dynamo.is_compiling
     return bool(fn())
+
+
+def input_address(x: Tensor) -> Optional[int]:
+    """``x.data_ptr()``, or None where there is none to compare (compiling, fake/meta/functorch tensors)."""
+    if compiling() or type(x) is not torch.Tensor or x.device.type == "meta":
+        return None
+    try:
+        return x.data_ptr()
+    except RuntimeError:
+        return None
 
 
 def is_compiled(model: nn.Module) -> bool:
