@@ -69,8 +69,8 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     split = load_data(args.data, args.img_size, args.channels)
     if args.smoke:
-        split.x_train, split.y_train = split.x_train[:256], split.y_train[:256]
-        split.x_test, split.y_test = split.x_test[:128], split.y_test[:128]
+        split.x_train, split.y_train = split.x_train[:160], split.y_train[:160]
+        split.x_test, split.y_test = split.x_test[:96], split.y_test[:96]
     c = split.x_train.shape[1]
     base = Config(
         objective=args.objective, epochs=args.epochs, width=args.width, depth=args.depth, heads=args.heads, patch=args.patch,

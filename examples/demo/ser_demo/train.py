@@ -50,8 +50,8 @@ DEFAULT_TAU = {"mocov3": 0.4, "dino": 0.5, "barlow": 0.4}
 class Config:
     objective: str = "mocov3"
     arm: str = "ser"
-    epochs: int = 30
-    width: int = 96
+    epochs: int = 10
+    width: int = 64
     depth: int = 4
     heads: int = 4
     patch: int = 4
