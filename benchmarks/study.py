@@ -57,6 +57,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--b2-share", type=float, default=d.b2_share)
     p.add_argument("--layer", type=int, default=d.layer)
+    p.add_argument("--layers", default="", help="sweep: comma-separated layers (default 1..depth)")
     p.add_argument("--lam", type=float, default=None)
     p.add_argument("--tau", type=float, default=None)
     p.add_argument("--device", default="cpu")
@@ -83,7 +84,7 @@ def planned(args: argparse.Namespace) -> List[Dict[str, Any]]:
                         raise SystemExit(f"unknown arm {arm!r}")
                     jobs.append(dict(objective=o, arm=arm, layer=args.layer, seed=seed))
             elif args.phase == "sweep":
-                for layer in range(1, args.depth + 1):
+                for layer in [int(v) for v in args.layers.split(",") if v] or range(1, args.depth + 1):
                     jobs.append(dict(objective=o, arm="ser", layer=layer, seed=seed))
     return jobs
 

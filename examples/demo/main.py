@@ -49,7 +49,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--arms", default="baseline,ser", help=f"comma-separated, from {','.join(ARMS)}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: half the cores, at least 1; tiny ViTs gain little from more, and on a busy "
+                        "machine oversubscribed threads are several times slower)")
     p.add_argument("--data", default=None, help="ImageFolder-style directory (labels from sub-folders); default: sklearn digits")
     p.add_argument("--out", default="demo_out", help="output directory")
     p.add_argument("--spatial", action="store_true", help="also run the spatial-transfer probe (digit on a larger canvas)")
@@ -60,13 +62,12 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     args = parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or max(1, min(torch.get_num_threads(), (os.cpu_count() or 2) // 2)))
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     bad = [a for a in arms if a not in ARMS]
     if bad:
         raise SystemExit(f"unknown arm(s) {bad}; choose from {list(ARMS)}")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     split = load_data(args.data, args.img_size, args.channels)
     if args.smoke:
         split.x_train, split.y_train = split.x_train[:160], split.y_train[:160]
@@ -94,7 +95,7 @@ def main(argv=None) -> dict:
         m = rec["metrics"]
         tqdm.write(f"  {arm}: linear {m['linear_top1']:.3f}  kNN {m['knn_top1']:.3f}  equiv centred@L {m['eq_centred_L']:.3f}  "
                    f"train {m['train_s']:.0f}s  eval {m['eval_s']:.0f}s")
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     table = markdown_table({a: [flatten(results[a])] for a in arms})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -103,6 +104,8 @@ def main(argv=None) -> dict:
         "command": command.strip(),
         "seed": args.seed,
         "wall_s": wall,
+        "cpu_s": cpu,
+        "load_avg_at_end": os.getloadavg(),
         "data": split.name,
         "smoke": args.smoke,
         "torch": torch.__version__,
@@ -112,7 +115,8 @@ def main(argv=None) -> dict:
         "arms": records,
     }
     (out / "demo_results.json").write_text(json.dumps(payload, indent=1))
-    md = [f"# SER demo ({split.name}, {base.objective})", "", f"Command: `{payload['command']}`  ", f"Seed {args.seed}; wall time {wall:.0f} s; "
+    md = [f"# SER demo ({split.name}, {base.objective})", "", f"Command: `{payload['command']}`  ", f"Seed {args.seed}; wall time {wall:.0f} s (process CPU time {cpu:.0f} s; "
+          f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores); "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads.", "", table, "",
           "Accuracies in % (linear probe / kNN on frozen [CLS] features; corrupted = the same probe on noise, blur, contrast, "
           "rotation at 3 severities each); equivariance scores are ser_plugin.equivariance_score (cosine, D4, 1 = exact) at the SER "
@@ -124,7 +128,7 @@ def main(argv=None) -> dict:
     plot_demo(results, str(out / "demo_results.png"), f"SER demo: {split.name}, {base.objective}, layer {base.layer}/{base.depth}")
     print()
     print(table)
-    print(f"\nwall time {wall:.0f} s; wrote {out}/demo_results.json, .md, .png")
+    print(f"\nwall time {wall:.0f} s (CPU time {cpu:.0f} s); wrote {out}/demo_results.json, .md, .png")
     return payload
 
 
