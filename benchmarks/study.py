@@ -65,6 +65,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--tag", default="", help="suffix for the run cache and outputs (e.g. '_gpu')")
+    p.add_argument("--reverse-arms", action="store_true", help="run the arms of each seed in reverse order (for a second process)")
     p.add_argument("--report", action="store_true", help="only rebuild the tables and figures from cached runs")
     return p
 
@@ -79,7 +80,7 @@ def planned(args: argparse.Namespace) -> List[Dict[str, Any]]:
     for seed in seeds:  # seed-major, so an interrupted study still has every arm at the first seeds
         for o in objs:
             if args.phase == "arms":
-                for arm in args.arms.split(","):
+                for arm in (args.arms.split(",")[::-1] if args.reverse_arms else args.arms.split(",")):
                     if arm not in ARMS:
                         raise SystemExit(f"unknown arm {arm!r}")
                     jobs.append(dict(objective=o, arm=arm, layer=args.layer, seed=seed))
@@ -97,14 +98,17 @@ def run_jobs(args: argparse.Namespace, runs_dir: Path) -> None:
     jobs = planned(args)
     for job in tqdm(jobs, desc="study"):
         path = runs_dir / (run_name(job["objective"], job["arm"], job["layer"], job["seed"]) + ".json")
-        if path.exists():
+        claim = path.with_suffix(".running")
+        if path.exists() or claim.exists():  # finished, or another study process is on it
             continue
+        claim.write_text(str(os.getpid()))
         cfg = Config(objective=job["objective"], arm=job["arm"], layer=job["layer"], seed=job["seed"], epochs=args.epochs,
                      width=args.width, depth=args.depth, batch=args.batch, b2_share=args.b2_share, lam=args.lam, tau=args.tau,
                      device=args.device, mean=split.mean[:c], std=split.std[:c])
         rec = run_one(cfg, split, robust=True, spatial=True, score_layers=list(range(1, args.depth + 1)), progress=None)
         rec["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         path.write_text(json.dumps(rec, indent=1))
+        claim.unlink()
         m = rec["metrics"]
         tqdm.write(f"{path.stem}: linear {m['linear_top1']:.3f} kNN {m['knn_top1']:.3f} eqC@L {m['eq_centred_L']:.3f} "
                    f"eqC@last {m['eq_centred_last']:.3f} mCA {m['mCA']:.3f} mIoU {m['spatial']['mIoU']:.3f} "
