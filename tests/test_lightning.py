@@ -27,8 +27,9 @@ DEPTH, LAYER = 3, 2
 class TinySSL(L.LightningModule):
     """BYOL-like: online backbone + predictor, EMA teacher built with copy.deepcopy; batch = (x1, x2)."""
 
-    def __init__(self) -> None:
+    def __init__(self, scheduler: bool = False) -> None:
         super().__init__()
+        self.scheduler = scheduler
         torch.manual_seed(0)
         self.backbone = timm.create_model(
             "vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, embed_dim=32, depth=DEPTH, num_heads=2, num_classes=0
@@ -48,7 +49,10 @@ class TinySSL(L.LightningModule):
         return 2 - F.cosine_similarity(z1, t2).mean() - F.cosine_similarity(z2, t1).mean()
 
     def configure_optimizers(self):
-        return torch.optim.SGD([p for n, p in self.named_parameters() if not n.startswith("teacher.")], lr=0.05)
+        opt = torch.optim.SGD([p for n, p in self.named_parameters() if not n.startswith("teacher.") and not n.startswith("ser.")], lr=0.05)
+        if not self.scheduler:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5**s), "interval": "step"}}
 
 
 class Probe(L.Callback):
@@ -122,7 +126,7 @@ def test_lambda_zero_returns_the_host_loss_exactly() -> None:
 
 
 def test_matched_mode_views_enter_the_host_loss_and_head_is_optimised() -> None:
-    module = TinySSL()
+    module = TinySSL(scheduler=True)  # the head's group is added after the scheduler was built
 
     def inject(batch, pair):  # noqa: ANN001
         x1, x2 = batch
@@ -160,6 +164,8 @@ def test_matched_mode_views_enter_the_host_loss_and_head_is_optimised() -> None:
         assert all(n > 0 for n in norms[:LAYER]) and all(n == 0 for n in norms[LAYER:]), norms
     assert head_before is not None and ser is not None
     assert all(bool((a != b).any()) for a, b in zip(head_before, ser.parameters())), "token head not updated"
+    groups = trainer.optimizers[0].param_groups
+    assert len(groups) == 2 and groups[1]["lr"] == pytest.approx(groups[0]["lr"]) == pytest.approx(0.05 * 0.5**2)
 
 
 def test_errors_name_the_fix() -> None:

@@ -83,6 +83,24 @@ def _get_path(root: nn.Module, path: str) -> nn.Module:
     return obj
 
 
+def _extend_schedulers(trainer: Trainer, opt: torch.optim.Optimizer) -> None:
+    """After a group was appended to ``opt``: let the schedulers built for it drive that group like group 0."""
+    group = opt.param_groups[-1]
+    for cfg in getattr(trainer, "lr_scheduler_configs", []) or []:
+        sched = cfg.scheduler
+        if getattr(sched, "optimizer", None) is not opt:
+            continue
+        group.setdefault("initial_lr", group["lr"])
+        for name in ("base_lrs", "_last_lr"):
+            values = getattr(sched, name, None)
+            if isinstance(values, list) and len(values) == len(opt.param_groups) - 1:
+                values.append(values[0] if name == "_last_lr" else group["initial_lr"])
+        for name in ("lr_lambdas", "max_lrs", "min_lrs"):  # LambdaLR / OneCycleLR / ReduceLROnPlateau
+            values = getattr(sched, name, None)
+            if isinstance(values, list) and len(values) == len(opt.param_groups) - 1:
+                values.append(values[0])
+
+
 class SERCallback(Callback):
     """Adds SER to a LightningModule's training without changing its code.
 
@@ -160,7 +178,10 @@ class SERCallback(Callback):
             if not any({id(p) for p in self.ser.parameters()} <= h for h in held):
                 raise SERError("several optimizers and none holds SER's parameters: add pl_module.ser.parameters() to one in configure_optimizers.")
             return
-        add_params_to_optimizer(trainer.optimizers[0], list(self.ser.parameters()), weight_decay=0.0)
+        opt = trainer.optimizers[0]
+        base_lr = opt.param_groups[0].get("initial_lr", opt.param_groups[0]["lr"])
+        if add_params_to_optimizer(opt, list(self.ser.parameters()), lr=base_lr, weight_decay=0.0):
+            _extend_schedulers(trainer, opt)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit" or self.ser is None:
