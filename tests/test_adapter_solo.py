@@ -43,6 +43,8 @@ def test_solo_mocov3_one_step_with_head() -> None:
     assert r["momentum_capture_hooks"] == 0
     assert r["ser_params"] > 0 and r["ser_params_in_optimizer"]
     assert r["total_loss"] > r["host_loss"]
+    lo, hi = r["crop_scale"]  # the base crop follows the config's own random-resized-crop range
+    assert r["base_crop"] == f"BaseCrop(size=32, scale=({lo}, {hi}))", r["base_crop"]
     # solo's own training_step, unwrapped, gives the same host loss on the same batch
     assert r["host_loss"] == pytest.approx(r["host_loss_recomputed"], abs=1e-6, rel=1e-6)
 

@@ -145,7 +145,7 @@ def install() -> None:
 
             aug = RUN.solo_cfg.augmentations[0]
             rrc = aug.get("rrc", {}) or {}
-            scale = (float(rrc.get("min_scale", 0.08)), float(rrc.get("max_scale", 1.0)))
+            scale = (float(rrc.get("crop_min_scale", 0.08)), float(rrc.get("crop_max_scale", 1.0)))  # solo's rrc keys
             self.base_crop = BaseCrop(int(aug.crop_size), scale) if RUN.cfg.enabled else None
 
         def __call__(self, x: Any) -> Any:

@@ -87,6 +87,8 @@ def main() -> None:
                 ser_params=sum(p.numel() for p in ser.parameters()),
                 ser_params_in_optimizer={id(p) for p in ser.parameters()} <= held,
                 b2=len(cb._last_pair_for_probe.g1),
+                base_crop=repr(getattr(getattr(getattr(trainer.train_dataloader, "dataset", None), "transform", None), "base_crop", None)),
+                crop_scale=[float(adapter.RUN.solo_cfg.augmentations[0].rrc.crop_min_scale), float(adapter.RUN.solo_cfg.augmentations[0].rrc.crop_max_scale)],
             )
 
     # keep the step's pair for the probe (the callback draws it inside the wrapped training_step)
