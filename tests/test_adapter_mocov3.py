@@ -38,6 +38,7 @@ def _run(*flags: str) -> dict:
 def test_mocov3_one_step(flags: tuple) -> None:
     r = _run(*flags)
     assert r["ser_loss_finite"] and r["ser_loss"] > 0
+    assert r["cli_ok"]  # the launcher's parser: MoCo-v3's arguments plus --ser-*
     layer = r["layer"]
     assert len(r["ser_grad_norms"]) == r["depth"]
     # the SER term's gradient reaches blocks 1..L of the online encoder and nothing above L

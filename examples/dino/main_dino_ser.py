@@ -20,7 +20,7 @@ D4 only.
 
 Usage (ViT-S/16, 100 epochs, 8 GPUs, the README's recipe plus SER)::
 
-    python -m torch.distributed.launch --nproc_per_node=8 examples/dino/main_dino_ser.py --dino_dir /path/to/dino \\
+    torchrun --nproc_per_node=8 examples/dino/main_dino_ser.py --dino_dir /path/to/dino \\
       --arch vit_small --data_path /path/to/imagenet/train --output_dir /path/to/out \\
       --ser_layer 3 --ser_lambda 0.3 --ser_tau 0.5 --ser_b2 0.01
 
@@ -220,17 +220,24 @@ def add_ser_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ser_late_cls", action="store_true", help="late [CLS] insertion after block L, student and teacher")
 
 
-def main(argv: Optional[list] = None) -> None:
+def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
+    """DINO's own arguments (``get_args_parser``) plus the ``--ser_*`` flags."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--dino_dir", default=None)
     known, _ = pre.parse_known_args(argv if argv is not None else sys.argv[1:])
     main_dino = import_dino(known.dino_dir)
-    from pathlib import Path
-
     parser = argparse.ArgumentParser("DINO + SER", parents=[main_dino.get_args_parser()])
     add_ser_arguments(parser)
     args = parser.parse_args(argv)
     args.dino_dir = os.path.abspath(args.dino_dir or os.environ[ENV_VAR])
+    return args
+
+
+def main(argv: Optional[list] = None) -> None:
+    from pathlib import Path
+
+    args = parse_args(argv)
+    main_dino = import_dino(args.dino_dir)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     install(args)
     main_dino.train_dino(args)

@@ -73,6 +73,10 @@ def main() -> None:
     import vision_transformer as vits
 
     utils.MetricLogger.synchronize_between_processes = lambda self: None
+    # the launcher's command line: DINO's own parser plus the SER flags (torch.hub.list needs the network)
+    torch.hub.list = lambda *a, **k: []
+    cli = adapter.parse_args(["--arch", "vit_small", "--data_path", "x", "--ser_layer", "3", "--ser_lambda", "0.5", "--ser_late_cls"])
+    cli_ok = (cli.ser_layer, cli.ser_lambda, cli.ser_tau, cli.ser_late_cls, cli.arch, cli.batch_size_per_gpu) == (3, 0.5, 0.5, True, "vit_small", 64)
     args = argparse.Namespace(
         dino_dir=os.environ[adapter.ENV_VAR], ser_layer=opts.layer, ser_lambda=0.3, ser_tau=0.5, ser_b2=0.25,
         ser_head=opts.head, ser_late_cls=opts.late_cls, epochs=1, clip_grad=3.0, freeze_last_layer=1,
@@ -161,6 +165,7 @@ def main() -> None:
         "lam0_host_loss": l_plain,
         "lam1_loss": float(loss1),
         "plain_aug_class": plain_aug.__name__,
+        "cli_ok": cli_ok,
     }
     dist.destroy_process_group()
     print("SER_REPORT " + json.dumps(report))

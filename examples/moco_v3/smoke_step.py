@@ -62,7 +62,10 @@ def main() -> None:
     import vits
     from torchvision import transforms
 
-    args = main_moco.parser.parse_args(["unused", "-a", "vit_small", "-b", "8", "--epochs", "1", "--warmup-epochs", "0", "--lr", "1e-3"])
+    adapter.add_ser_arguments(main_moco.parser)  # the launcher's command line: MoCo-v3's parser plus --ser-*
+    args = main_moco.parser.parse_args(["unused", "-a", "vit_small", "-b", "8", "--epochs", "1", "--warmup-epochs", "0", "--lr", "1e-3",
+                                        "--ser-layer", "5", "--ser-b2", "0.5", "--ser-head"])
+    cli_ok = (args.ser_layer, args.ser_lambda, args.ser_tau, args.ser_b2, args.ser_head, args.ser_late_cls) == (5, 1.0, 0.3, 0.5, True, False)
     args.moco_dir, args.gpu, args.rank, args.crop_min = os.environ[adapter.ENV_VAR], None, 0, 0.5
     args.ser_layer, args.ser_lambda, args.ser_tau, args.ser_b2 = opts.layer, 1.0, 0.3, 0.25
     args.ser_head, args.ser_late_cls = opts.head, opts.late_cls
@@ -146,6 +149,7 @@ def main() -> None:
         "lam0_host_loss": l_plain,
         "lam1_loss": l_ser1,
         "timm": __import__("timm").__version__,
+        "cli_ok": cli_ok,
     }
     dist.destroy_process_group()
     print("SER_REPORT " + json.dumps(report))
