@@ -43,6 +43,7 @@ def test_solo_mocov3_one_step_with_head() -> None:
     assert r["momentum_capture_hooks"] == 0
     assert r["ser_params"] > 0 and r["ser_params_in_optimizer"]
     assert r["total_loss"] > r["host_loss"]
+    assert r["late_cls_pre_hooks"] == {"backbone": 0, "momentum_backbone": 0}
     lo, hi = r["crop_scale"]  # the base crop follows the config's own random-resized-crop range
     assert r["base_crop"] == f"BaseCrop(size=32, scale=({lo}, {hi}))", r["base_crop"]
     # solo's own training_step, unwrapped, gives the same host loss on the same batch
@@ -50,8 +51,10 @@ def test_solo_mocov3_one_step_with_head() -> None:
 
 
 def test_solo_lambda_zero_leaves_the_host_loss() -> None:
-    r = _run("--lam", "0")
+    r = _run("--lam", "0", "--late-cls")  # the paper's control: late [CLS] + views, no loss
     assert r["ser_loss_finite"]
     assert r["total_loss"] == r["host_loss"]
     assert r["host_loss"] == pytest.approx(r["host_loss_recomputed"], abs=1e-6, rel=1e-6)
     assert all(g == 0 for g in r["ser_grad_norms"])  # lambda = 0: no gradient from SER
+    assert r["late_cls_pre_hooks"] == {"backbone": 1, "momentum_backbone": 1}  # both encoders: late [CLS]
+    assert r["momentum_capture_hooks"] == 0

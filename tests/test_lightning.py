@@ -184,3 +184,29 @@ def test_importing_ser_plugin_does_not_import_lightning() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_late_cls_also_converts_the_teacher_and_teardown_restores_it() -> None:
+    module = TinySSL()
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        stock = module.teacher(x)
+    seen = {}
+
+    class Check(L.Callback):
+        def on_fit_start(self, trainer, pl_module):  # noqa: ANN001
+            with torch.no_grad():  # same weights (deepcopy), same late-[CLS] architecture
+                seen["teacher"], seen["online"] = pl_module.teacher(x), pl_module.backbone(x)
+
+    cb = SERCallback(LAYER, backbone="backbone", images=lambda b: b[0], photometric=None, late_cls=True, late_cls_also=("teacher",))
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[cb, Check()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, _data())
+    torch.testing.assert_close(seen["teacher"], seen["online"])
+    assert not torch.allclose(seen["teacher"], stock)
+    assert all(type(h).__name__ != "_CaptureHook" for b in module.teacher.blocks for h in b._forward_hooks.values())
+    assert all(not b._forward_hooks and not b._forward_pre_hooks for b in module.teacher.blocks)  # removed at teardown
+    with pytest.raises(SERError, match="late_cls=True"):
+        SERCallback(LAYER, late_cls_also=("teacher",))

@@ -110,6 +110,8 @@ def make_callback(cfg: SERConfig, solo_cfg: Any) -> Any:
     return SERCallback(
         cfg.layer, backbone="backbone", b2=cfg.b2, images=lambda batch: batch[1][-1], inject=inject,
         lam=cfg.lam, tau=cfg.tau, head=cfg.head, late_cls=cfg.late_cls, mean=mean, std=std,
+        # the momentum backbone is an EMA of the online one: same (late-[CLS]) architecture, no hook
+        late_cls_also=("momentum_backbone",) if cfg.late_cls else (),
     )
 
 

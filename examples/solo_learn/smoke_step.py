@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=3)
     ap.add_argument("--lam", type=float, default=1.0)
     ap.add_argument("--head", action="store_true")
+    ap.add_argument("--late-cls", action="store_true")
     opts = ap.parse_args()
     from PIL import Image
 
@@ -84,6 +85,10 @@ def main() -> None:
                 online_hook_blocks=[j + 1 for j, b in enumerate(blocks) if _capture_hooks([b])],
                 online_capture_hooks=_capture_hooks(blocks),
                 momentum_capture_hooks=_capture_hooks(pl_module.momentum_backbone.blocks),
+                late_cls_pre_hooks={
+                    name: sum(type(h).__name__ == "_StripPrefix" for b in getattr(pl_module, name).blocks for h in b._forward_pre_hooks.values())
+                    for name in ("backbone", "momentum_backbone")
+                },
                 ser_params=sum(p.numel() for p in ser.parameters()),
                 ser_params_in_optimizer={id(p) for p in ser.parameters()} <= held,
                 b2=len(cb._last_pair_for_probe.g1),
@@ -111,7 +116,7 @@ def main() -> None:
         "data.dataset=custom", f"data.train_path={root}", "~data.val_path", "data.num_workers=0", "optimizer.batch_size=8",
         "accelerator=cpu", "devices='1'", "strategy=auto", "precision=32", "max_epochs=1", "++max_steps=1",
         "checkpoint.enabled=False", "auto_resume.enabled=False", "++wandb.enabled=False",
-        f"++ser.layer={opts.layer}", f"++ser.lam={opts.lam}", f"++ser.head={opts.head}", "++ser.b2=0.25",
+        f"++ser.layer={opts.layer}", f"++ser.lam={opts.lam}", f"++ser.head={opts.head}", f"++ser.late_cls={opts.late_cls}", "++ser.b2=0.25",
     ]
     cwd = os.getcwd()
     os.chdir(tempfile.mkdtemp(prefix="ser_solo_run_"))

@@ -29,13 +29,14 @@ teacher made by ``copy.deepcopy`` of a hooked backbone gets an inert hook (recor
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..attach import SER, attach_ser
 from ..errors import SERError
+from ..late_cls import convert_late_cls
 from ..views import ViewPair
 from . import add_params_to_optimizer, b2_count, loss_from_maps
 
@@ -114,6 +115,8 @@ class SERCallback(Callback):
         inject: matched-budget mode: ``(batch, pair) -> batch`` that puts ``pair.x1``/``pair.x2`` in place of
             the last ``len(pair.g1)`` rows of the host's two views (see :func:`ser_plugin.integrations.replace_rows`).
         concatenated: with ``inject``, the host forwards both views in one backbone call (rows: view 1 then view 2).
+        late_cls_also: with ``late_cls=True``: dotted paths of networks that must share the online ViT's
+            architecture — momentum encoders, EMA teachers — converted to late [CLS] as well (no hook).
         log_name: name under which ``L_equiv`` (unweighted) is logged; ``None`` to not log.
         attribute: name of the child module that holds the SER handle on the LightningModule.
         **ser_kwargs: passed to :func:`ser_plugin.attach_ser` (``lam``, ``tau``, ``head``, ``late_cls``, ``scale``,
@@ -133,6 +136,7 @@ class SERCallback(Callback):
         images: Optional[Callable[[Any], Tensor]] = None,
         inject: Optional[Callable[[Any, ViewPair], Any]] = None,
         concatenated: bool = False,
+        late_cls_also: Sequence[str] = (),
         log_name: Optional[str] = "train_ser_loss",
         attribute: str = "ser",
         **ser_kwargs: Any,
@@ -142,6 +146,10 @@ class SERCallback(Callback):
         self.layer, self.backbone, self.b2 = layer, backbone, b2
         self.images = images or first_image_batch
         self.inject, self.concatenated = inject, concatenated
+        self.late_cls_also = tuple(late_cls_also)
+        if self.late_cls_also and not ser_kwargs.get("late_cls", False):
+            raise SERError("late_cls_also converts momentum/teacher networks to late [CLS]; it needs late_cls=True.")
+        self._late_handles: List[Any] = []
         self.log_name, self.attribute = log_name, attribute
         self.ser_kwargs: Dict[str, Any] = ser_kwargs
         self.ser: Optional[SER] = None
@@ -158,7 +166,9 @@ class SERCallback(Callback):
         if hasattr(pl_module, self.attribute):
             raise SERError(f"{type(pl_module).__name__} already has an attribute {self.attribute!r}; pass SERCallback(attribute='...').")
         backbone = _get_path(pl_module, self.backbone)
+        others = [_get_path(pl_module, p) for p in self.late_cls_also]
         self.ser = attach_ser(backbone, self.layer, **self.ser_kwargs)
+        self._late_handles = [convert_late_cls(m, self.layer) for m in others]
         pl_module.add_module(self.attribute, self.ser)  # moves with the module, DDP syncs its parameters
         self._module = pl_module
         orig = pl_module.training_step
@@ -187,6 +197,9 @@ class SERCallback(Callback):
         if stage != "fit" or self.ser is None:
             return
         self.ser.remove()
+        for h in self._late_handles:
+            h.remove()
+        self._late_handles = []
         if "training_step" in vars(pl_module):
             del pl_module.training_step
         if self.attribute in pl_module._modules:
