@@ -54,3 +54,13 @@ def test_dino_one_step(flags: tuple) -> None:
 
 def math_isfinite(x: float) -> bool:
     return x == x and abs(x) != float("inf")
+
+
+def test_two_processes_stay_in_sync_with_the_token_head() -> None:
+    """Two gloo processes (DDP + SER's autograd-aware gather), different images per rank: after one step of the
+    host's loop every weight, SER's token head included, is identical on both ranks."""
+    r = _run("--head", "--world-size", "2")
+    assert r["world_size"] == 2 and r["ser_params"] > 0 and r["ser_params_updated"]
+    assert r["max_param_diff_across_ranks"] <= 1e-7, r
+    a, b = r["ser_losses_per_rank"]
+    assert a != b  # the ranks saw different images; the gather gives each its own queries against all keys

@@ -51,3 +51,13 @@ def test_mocov3_one_step(flags: tuple) -> None:
     assert r["lam1_loss"] > r["lam0_adapter_loss"]
     if "--head" in flags:
         assert r["ser_params"] > 0 and r["ser_params_in_optimizer"] and r["ser_params_updated"]
+
+
+def test_two_processes_stay_in_sync_with_the_token_head() -> None:
+    """Two gloo processes (DDP + SER's autograd-aware gather), different images per rank: after one step of the
+    host's loop every weight, SER's token head included, is identical on both ranks."""
+    r = _run("--head", "--world-size", "2")
+    assert r["world_size"] == 2 and r["ser_params"] > 0 and r["ser_params_updated"]
+    assert r["max_param_diff_across_ranks"] <= 1e-7, r
+    a, b = r["ser_losses_per_rank"]
+    assert a != b  # the ranks saw different images; the gather gives each its own queries against all keys

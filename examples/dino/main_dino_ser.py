@@ -117,6 +117,11 @@ def params_groups_with_ser(orig: Any, state: SERState) -> Any:
             state.ser.to(dev)
             head = [p for p in state.ser.parameters() if p.requires_grad]
             if head:
+                import torch.distributed as dist
+
+                if dist.is_available() and dist.is_initialized():  # same initial head on every rank
+                    for p in state.ser.parameters():
+                        dist.broadcast(p.data, src=0)
                 average_grads_across_ranks(state.ser)  # the head lives outside the student's DDP
                 groups = list(groups) + [{"params": head, "weight_decay": 0.0}]
         return groups

@@ -27,10 +27,10 @@ import main_dino_ser as adapter  # noqa: E402
 
 
 class _Images(torch.utils.data.Dataset):
-    def __init__(self, n: int, size: int, transform) -> None:  # noqa: ANN001
+    def __init__(self, n: int, size: int, transform, seed: int = 0) -> None:  # noqa: ANN001
         from PIL import Image
 
-        rng = np.random.default_rng(0)
+        rng = np.random.default_rng(seed)
         self.images = [Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")) for _ in range(n)]
         self.transform = transform
 
@@ -57,14 +57,23 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=2)
     ap.add_argument("--head", action="store_true")
     ap.add_argument("--late-cls", action="store_true")
+    ap.add_argument("--world-size", type=int, default=1, help="> 1: that many gloo processes (DDP and SER's gather)")
     opts = ap.parse_args()
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(30500 + os.getpid() % 1000))
+    if opts.world_size > 1:
+        torch.multiprocessing.spawn(run, args=(opts,), nprocs=opts.world_size)
+    else:
+        run(0, opts)
+
+
+def run(rank: int, opts: argparse.Namespace) -> None:
     torch.manual_seed(0)
     torch.Tensor.cuda = lambda self, *a, **k: self
     torch.nn.Module.cuda = lambda self, *a, **k: self
     torch.cuda.synchronize = lambda *a, **k: None
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(30500 + os.getpid() % 1000))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group("gloo", rank=rank, world_size=opts.world_size)
+    torch.manual_seed(rank)
 
     main_dino = adapter.import_dino()
     from functools import partial
@@ -104,7 +113,7 @@ def main() -> None:
     from ser_plugin.integrations import BaseCrop
 
     aug.base_crop = BaseCrop(32, (0.5, 1.0))
-    data = torch.utils.data.DataLoader(_Images(8, 48, aug), batch_size=8, drop_last=True)
+    data = torch.utils.data.DataLoader(_Images(8, 48, aug, seed=rank), batch_size=8, drop_last=True)
     lr = utils.cosine_scheduler(5e-4, 1e-6, 1, len(data))
     wd = utils.cosine_scheduler(0.04, 0.4, 1, len(data))
     mom = utils.cosine_scheduler(0.996, 1, 1, len(data))
@@ -114,6 +123,22 @@ def main() -> None:
     ser_loss = float(ser.last_loss)
     head_in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]} >= {id(p) for p in ser.parameters()}
     head_moved = [bool((a != b.detach()).any()) for a, b in zip(head_before, ser.parameters())]
+    if opts.world_size > 1:  # DDP over gloo: every rank must end the step with the same weights, SER's included
+        flat = torch.cat([p.detach().flatten() for p in list(student.module.parameters()) + list(ser.parameters())])
+        every = [torch.zeros_like(flat) for _ in range(opts.world_size)]
+        dist.all_gather(every, flat)
+        losses = [torch.zeros(1) for _ in range(opts.world_size)]
+        dist.all_gather(losses, torch.tensor([ser_loss]))
+        if rank == 0:
+            print("SER_REPORT " + json.dumps({
+                "world_size": opts.world_size,
+                "max_param_diff_across_ranks": max(float((f - every[0]).abs().max()) for f in every),
+                "ser_losses_per_rank": [float(v) for v in losses],
+                "ser_params": sum(p.numel() for p in ser.parameters()),
+                "ser_params_updated": all(head_moved) if head_moved else None,
+            }))
+        dist.destroy_process_group()
+        return
 
     # the SER term's own gradient, on a fresh batch through the adapter's loader and loss wrappers
     gen = iter(adapter.SERBatches(data, state))

@@ -31,10 +31,10 @@ import main_moco_ser as adapter  # noqa: E402
 
 
 class _Images(torch.utils.data.Dataset):
-    def __init__(self, n: int, size: int, transform) -> None:  # noqa: ANN001
+    def __init__(self, n: int, size: int, transform, seed: int = 0) -> None:  # noqa: ANN001
         from PIL import Image
 
-        rng = np.random.default_rng(0)
+        rng = np.random.default_rng(seed)
         self.images = [Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")) for _ in range(n)]
         self.transform = transform
 
@@ -50,12 +50,21 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=2)
     ap.add_argument("--head", action="store_true")
     ap.add_argument("--late-cls", action="store_true")
+    ap.add_argument("--world-size", type=int, default=1, help="> 1: that many gloo processes (DDP and SER's gather)")
     opts = ap.parse_args()
-    torch.manual_seed(0)
-    torch.Tensor.cuda = lambda self, *a, **k: self  # the host's loss moves labels with .cuda()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    if opts.world_size > 1:
+        torch.multiprocessing.spawn(run, args=(opts,), nprocs=opts.world_size)
+    else:
+        run(0, opts)
+
+
+def run(rank: int, opts: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    torch.Tensor.cuda = lambda self, *a, **k: self  # the host's loss moves labels with .cuda()
+    dist.init_process_group("gloo", rank=rank, world_size=opts.world_size)
+    torch.manual_seed(rank)
 
     main_moco, builder, loader = adapter.import_mocov3()
     import moco.optimizer
@@ -81,7 +90,7 @@ def main() -> None:
     aug = [transforms.RandomResizedCrop(size, scale=(0.5, 1.0)), transforms.ToTensor(), transforms.Normalize(adapter._ser()[1].IMAGENET_MEAN, adapter._ser()[1].IMAGENET_STD)]
     two = loader.TwoCropsTransform(transforms.Compose(aug), transforms.Compose(aug))
     two.base_crop = adapter._ser()[1].BaseCrop(size, (0.5, 1.0))
-    data = torch.utils.data.DataLoader(_Images(8, 48, two), batch_size=8, drop_last=True)
+    data = torch.utils.data.DataLoader(_Images(8, 48, two, seed=rank), batch_size=8, drop_last=True)
     optimizer = moco.optimizer.LARS(ddp.parameters(), 1e-3, weight_decay=1e-6, momentum=0.9)  # as main_worker
     scaler = torch.cuda.amp.GradScaler(enabled=False)
     head_before = [p.detach().clone() for p in model.ser.parameters()]
@@ -95,6 +104,22 @@ def main() -> None:
     ser_loss = float(model.ser.last_loss)
     head_in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]} >= {id(p) for p in model.ser.parameters()}
     head_moved = [bool((a != b.detach()).any()) for a, b in zip(head_before, model.ser.parameters())]
+    if opts.world_size > 1:  # DDP over gloo: every rank must end the step with the same weights, SER's included
+        flat = torch.cat([p.detach().flatten() for p in list(model.base_encoder.parameters()) + list(model.predictor.parameters()) + list(model.ser.parameters())])
+        every = [torch.zeros_like(flat) for _ in range(opts.world_size)]
+        dist.all_gather(every, flat)
+        losses = [torch.zeros(1) for _ in range(opts.world_size)]
+        dist.all_gather(losses, torch.tensor([ser_loss]))
+        if rank == 0:
+            print("SER_REPORT " + json.dumps({
+                "world_size": opts.world_size,
+                "max_param_diff_across_ranks": max(float((f - every[0]).abs().max()) for f in every),
+                "ser_losses_per_rank": [float(v) for v in losses],
+                "ser_params": sum(p.numel() for p in model.ser.parameters()),
+                "ser_params_updated": all(head_moved) if head_moved else None,
+            }))
+        dist.destroy_process_group()
+        return
 
     # SER term's own gradient on a fresh batch
     images, _ = next(iter(adapter.SERBatches(data, ddp)))
