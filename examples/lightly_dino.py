@@ -9,7 +9,7 @@ The matched 2-view budget of method.md §7: the b2 views replace the last ``|b2|
 so they also enter lightly's ``DINOLoss``; layer L is captured during the student's own passes over the two
 global views (the first two passes of the step), so there is no extra encoder pass.
 
-    python examples/lightly_dino.py --steps 5            # tiny CPU run on generated images
+    python examples/lightly_dino.py --steps 5    # tiny CPU run: lightly's DINOTransform on scikit-image photos
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ser_plugin import SER, attach_ser
@@ -72,16 +71,38 @@ class DINO(nn.Module):
         return self.teacher_head(self.teacher_backbone(x))
 
 
-def build(cfg: Config, lam: float | None = None) -> Tuple[DINO, SER, Any, torch.optim.Optimizer]:
+def build(cfg: Config, lam: float | None = None, **ser_kwargs: Any) -> Tuple[DINO, SER, Any, torch.optim.Optimizer]:
+    """Model, SER handle, lightly's ``DINOLoss`` and the optimizer. ``ser_kwargs`` go to ``attach_ser``
+    (default ``photometric=None``: views are exact group transforms of the base; the lightly-transform path of
+    :func:`main` uses MoCo-v3-style photometrics and ImageNet normalisation instead)."""
     from lightly.loss import DINOLoss
 
     model = DINO(cfg)
-    # after the deepcopy: the teacher never gets a hook. SER's parameters (none here; head=True adds a token head)
-    # live on the handle, outside the student, and go to the optimizer next to the model's.
-    ser = attach_ser(model.student_backbone, cfg.layer, lam=cfg.lam if lam is None else lam, tau=cfg.tau, photometric=None)
+    # after the deepcopy: the teacher never gets a hook. SER's parameters (none by default; head=True adds a token
+    # head) live on the handle, outside the student, and go to the optimizer next to the model's.
+    ser_kwargs.setdefault("photometric", None)
+    ser = attach_ser(model.student_backbone, cfg.layer, lam=cfg.lam if lam is None else lam, tau=cfg.tau, **ser_kwargs)
     criterion = DINOLoss(output_dim=cfg.out_dim, warmup_teacher_temp_epochs=0)
     params = [p for n, p in model.named_parameters() if not n.startswith("teacher_")] + list(ser.parameters())
     return model, ser, criterion, torch.optim.AdamW(params, lr=1e-3)
+
+
+def lightly_transform(cfg: Config) -> Any:
+    """lightly's own ``DINOTransform`` (2 global + ``n_local`` local crops, normalised), plus one plain uint8
+    crop per image appended as the last item: the base of the b2 views."""
+    from lightly.transforms import DINOTransform
+
+    from ser_plugin.integrations import BaseCrop
+
+    dino = DINOTransform(global_crop_size=cfg.img, local_crop_size=cfg.local, n_local_views=cfg.n_local)
+    base = BaseCrop(cfg.img, (0.4, 1.0))  # DINOTransform's global crop scale
+    return lambda image: list(dino(image)) + [base(image)]
+
+
+def collate(samples: List[List[Tensor]]) -> Tuple[List[Tensor], Tensor]:
+    """List of per-image crop lists → (list of view batches, base batch in [0, 1])."""
+    views = [torch.stack(v) for v in zip(*[s[:-1] for s in samples])]
+    return views, torch.stack([s[-1] for s in samples]).float().div_(255)
 
 
 def make_views(x: Tensor, cfg: Config, generator: torch.Generator) -> List[Tensor]:
@@ -137,20 +158,42 @@ def inert_copy_demo(cfg: Config) -> Dict[str, int]:
     return {"teacher": recorded_by_teacher, "student": recorded_by_student}
 
 
+def sample_images(n: int, size: int = 64) -> List[Any]:
+    """Photos shipped with scikit-image (random crops of them), or noise if it is not installed."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    try:
+        from skimage import data
+
+        photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    except ImportError:
+        photos = [(rng.random((256, 256, 3)) * 255).astype("uint8")]
+    out = []
+    for i in range(n):
+        p = photos[i % len(photos)]
+        y, x = rng.integers(0, p.shape[0] - 128), rng.integers(0, p.shape[1] - 128)
+        out.append(Image.fromarray(p[y : y + 128, x : x + 128]).resize((size, size)))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=16)
     args = ap.parse_args()
+    from ser_plugin.integrations import IMAGENET_MEAN, IMAGENET_STD
+
     cfg = Config()
     torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-    model, ser, criterion, opt = build(cfg)
-    images = torch.rand(args.batch * args.steps, 3, cfg.img + 8, cfg.img + 8, generator=g)
-    for s in range(args.steps):
-        x = images[s * args.batch : (s + 1) * args.batch]
-        base = F.interpolate(x, size=(cfg.img, cfg.img), mode="bilinear", align_corners=False)
-        out = train_step(model, ser, criterion, opt, make_views(x, cfg, g), base, cfg)
+    # lightly's DINOTransform normalises with ImageNet statistics: the views get photometrics, then the same
+    model, ser, criterion, opt = build(cfg, photometric="mocov3", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    transform = lightly_transform(cfg)
+    images = sample_images(args.batch * args.steps)
+    loader = torch.utils.data.DataLoader([transform(im) for im in images], batch_size=args.batch, collate_fn=collate)
+    for s, (views, base) in enumerate(loader):
+        out = train_step(model, ser, criterion, opt, views, base, cfg)
         print(f"step {s}: loss {float(out['loss']):.4f} = DINO {float(out['host']):.4f} + {cfg.lam} * L_equiv {float(ser.last_loss):.4f}")
         assert math.isfinite(float(out["loss"]))
     print("inert copy:", inert_copy_demo(cfg))

@@ -71,3 +71,19 @@ def test_lambda_zero_gives_lightlys_dino_loss_of_an_unmodified_model() -> None:
 
 def test_hook_attached_before_the_copy_is_inert_in_the_teacher() -> None:
     assert ex.inert_copy_demo(ex.Config()) == {"teacher": 0, "student": 1}
+
+
+def test_one_step_through_lightlys_dino_transform_with_normalised_views() -> None:
+    from ser_plugin.integrations import IMAGENET_MEAN, IMAGENET_STD
+
+    cfg = ex.Config()
+    torch.manual_seed(0)
+    model, ser, criterion, opt = ex.build(cfg, photometric="mocov3", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    transform = ex.lightly_transform(cfg)
+    views, base = ex.collate([transform(im) for im in ex.sample_images(8)])
+    assert [tuple(v.shape[-2:]) for v in views] == [(cfg.img, cfg.img)] * 2 + [(cfg.local, cfg.local)] * cfg.n_local
+    assert base.min() >= 0 and base.max() <= 1 and base.shape == (8, 3, cfg.img, cfg.img)
+    out = ex.train_step(model, ser, criterion, opt, views, base, cfg)
+    assert math.isfinite(float(out["loss"])) and float(ser.last_loss) > 0
+    # the views were normalised like lightly's crops (ImageNet statistics), not left in [0, 1]
+    assert float(out["views"][0][-2:].min()) < 0
