@@ -46,6 +46,8 @@ def test_solo_mocov3_one_step_with_head() -> None:
     assert r["late_cls_pre_hooks"] == {"backbone": 0, "momentum_backbone": 0}
     lo, hi = r["crop_scale"]  # the base crop follows the config's own random-resized-crop range
     assert r["base_crop"] == f"BaseCrop(size=32, scale=({lo}, {hi}))", r["base_crop"]
+    # the views are normalised like solo's crops: the Normalize found in its pipeline (custom data: ImageNet's)
+    assert r["mean_std"] == [[0.485, 0.456, 0.406], [0.229, 0.224, 0.225]]
     # solo's own training_step, unwrapped, gives the same host loss on the same batch
     assert r["host_loss"] == pytest.approx(r["host_loss_recomputed"], abs=1e-6, rel=1e-6)
 

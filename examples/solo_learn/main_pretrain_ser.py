@@ -34,7 +34,7 @@ import functools
 import os
 import sys
 from dataclasses import dataclass, fields
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 ENV_VAR = "SER_SOLO_DIR"
 #: extra Lightning callbacks appended next to SER's (used by the smoke test)
@@ -58,6 +58,7 @@ class _Run:
     cfg: Optional[SERConfig] = None
     solo_cfg: Any = None
     callback: Any = None
+    mean_std: Any = None
 
 
 RUN = _Run()
@@ -77,20 +78,21 @@ def import_solo(path: Optional[str] = None) -> Any:
     return main_pretrain
 
 
-def _mean_std(solo_cfg: Any) -> Any:
-    from solo.data import pretrain_dataloader as pd
-
-    aug = solo_cfg.augmentations[0]
-    table = getattr(pd, "MEANS_N_STD", None) or {
-        "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-        "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-        "stl10": ((0.4914, 0.4823, 0.4466), (0.247, 0.243, 0.261)),
-    }
-    if solo_cfg.data.dataset in table:
-        return table[solo_cfg.data.dataset]
-    from ser_plugin.integrations import IMAGENET_MEAN, IMAGENET_STD
-
-    return tuple(aug.get("mean", IMAGENET_MEAN)), tuple(aug.get("std", IMAGENET_STD))
+def find_normalize(transform: Any, depth: int = 0) -> Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]]:
+    """Mean and std of the first ``Normalize`` inside solo's transform pipeline (the views get the same)."""
+    if depth > 6 or transform is None:
+        return None
+    if type(transform).__name__ == "Normalize" and hasattr(transform, "mean") and hasattr(transform, "std"):
+        return tuple(float(v) for v in transform.mean), tuple(float(v) for v in transform.std)
+    children: List[Any] = list(transform) if isinstance(transform, (list, tuple)) else []
+    for name in ("transforms", "transform"):
+        v = getattr(transform, name, None)
+        children.extend(v if isinstance(v, (list, tuple)) else [v])
+    for c in children:
+        found = find_normalize(c, depth + 1)
+        if found is not None:
+            return found
+    return None
 
 
 def inject(batch: Any, pair: Any) -> Any:
@@ -106,7 +108,9 @@ def inject(batch: Any, pair: Any) -> Any:
 def make_callback(cfg: SERConfig, solo_cfg: Any) -> Any:
     from ser_plugin.integrations.lightning import SERCallback
 
-    mean, std = _mean_std(solo_cfg)
+    if RUN.mean_std is None:
+        raise SystemExit("no Normalize found in solo's transform pipeline; the SER views need the same normalisation.")
+    mean, std = RUN.mean_std
     return SERCallback(
         cfg.layer, backbone="backbone", b2=cfg.b2, images=lambda batch: batch[1][-1], inject=inject,
         lam=cfg.lam, tau=cfg.tau, head=cfg.head, late_cls=cfg.late_cls, mean=mean, std=std,
@@ -144,6 +148,8 @@ def install() -> None:
         def __init__(self, transforms: Any) -> None:
             super().__init__(transforms)
             from ser_plugin.integrations import BaseCrop
+
+            RUN.mean_std = find_normalize(transforms)
 
             aug = RUN.solo_cfg.augmentations[0]
             rrc = aug.get("rrc", {}) or {}

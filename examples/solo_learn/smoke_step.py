@@ -93,6 +93,7 @@ def main() -> None:
                 ser_params_in_optimizer={id(p) for p in ser.parameters()} <= held,
                 b2=len(cb._last_pair_for_probe.g1),
                 base_crop=repr(getattr(getattr(getattr(trainer.train_dataloader, "dataset", None), "transform", None), "base_crop", None)),
+                mean_std=adapter.RUN.mean_std,
                 crop_scale=[float(adapter.RUN.solo_cfg.augmentations[0].rrc.crop_min_scale), float(adapter.RUN.solo_cfg.augmentations[0].rrc.crop_max_scale)],
             )
 
