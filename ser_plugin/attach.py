@@ -224,9 +224,11 @@ class SER(nn.Module):
         tokens = block_tokens(output)
         if self._grad_at_arm and not torch.is_grad_enabled() and any(p.requires_grad for p in self._block.parameters()):
             raise SERError(
-                f"layer {self.layer} ran without autograd inside an armed capture: reentrant gradient checkpointing "
-                "(torch.utils.checkpoint with use_reentrant=True, timm < 1.0.13) hides the tokens' graph, so L_equiv would "
-                "send no gradient. Use non-reentrant checkpointing (use_reentrant=False, timm >= 1.0.13) or disable it."
+                f"layer {self.layer} ran without autograd inside an armed capture, so L_equiv would send it no gradient. Either "
+                "the pass ran under torch.no_grad() (run both SER views with gradient; put teacher/target passes outside "
+                "`with ser.capture()` and give them as ser.loss(pair, keys=...)), or reentrant gradient checkpointing "
+                "(torch.utils.checkpoint with use_reentrant=True, timm < 1.0.13) hid the tokens' graph: use non-reentrant "
+                "checkpointing (use_reentrant=False, timm >= 1.0.13) or disable it."
             )
         fmap, _ = tokens_to_map(tokens, self._recorder.hw, self.patch_size, self._prefix, self.layer)
         if self._recorder.ptr is not None and not compiling():

@@ -133,3 +133,21 @@ def test_torch_checkpoint_custom_model(reentrant):
     loss = ser.loss(pair)
     loss.backward()
     assert vit.blocks[0].linear1.weight.grad.abs().sum() > 0
+
+
+def test_no_grad_pass_inside_capture_is_named():
+    """The same detection fires for a plain torch.no_grad() pass inside ser.capture() (e.g. a stop-gradient
+    target branch run through the student): the message names no_grad too, not only checkpointing."""
+    vit = make_vit(0)
+    ser = attach_ser(vit, LAYER, photometric=None)
+    pair = make_pair(make_images(4, seed=1), seed=2)
+    with pytest.raises(SERError, match=r"torch\.no_grad\(\)"):
+        with ser.capture():
+            vit(pair.x1)
+            with torch.no_grad():
+                vit(pair.x2)
+    ser.clear()
+    with torch.no_grad(), ser.capture():  # armed without grad (e.g. evaluation): recording is allowed
+        vit(pair.x1), vit(pair.x2)
+    assert len(ser.captures) == 2
+    ser.clear()

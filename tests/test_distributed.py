@@ -1,14 +1,13 @@
 """SER under torch.distributed: N processes must take the same step as one process on the global batch.
 
 The pattern of lightly's ``tests/utils/test_dist__gather__losses.py`` (2-process DDP equals 1 process),
-done as real 2-process runs: ``torchrun --nproc_per_node=2`` (gloo, CPU) runs a helper from
-``tests/dist_helpers`` on a free localhost port; the single-process reference is computed here.
+done as real 2-process runs: ``torchrun --standalone --nproc_per_node=2`` (gloo, CPU, a free localhost
+port) runs a helper from ``tests/dist_helpers``; the single-process reference is computed here.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -28,17 +27,12 @@ ROOT = os.path.dirname(HERE)
 ATOL, RTOL = 2e-5, 1e-4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(script: str, out: str, timeout: int = 150) -> None:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-        "--master_addr=127.0.0.1", f"--master_port={_free_port()}", os.path.join(HERE, "dist_helpers", script), "--out", out,
+        # --standalone: rendezvous on a free localhost port chosen by torchrun itself (no port races between runs)
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        os.path.join(HERE, "dist_helpers", script), "--out", out,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
