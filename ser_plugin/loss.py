@@ -111,10 +111,10 @@ class _SymmetricNegativeLSE(torch.autograd.Function):
             c = 1.0 / tau  # rows have unit norm, so S <= c (up to rounding) and exp(S - c) <= 1
             row = torch.empty(q.shape[0], device=q.device, dtype=torch.float32)
             col = torch.zeros(k.shape[0], device=q.device, dtype=torch.float32)
-            qs = qf / tau
+            shift = torch.full((1,), -c, device=q.device, dtype=torch.float32)
             kt = kf.t()
             for s, e in _chunks(q.shape[0], k.shape[0], budget):
-                ex = _SymmetricNegativeLSE._shifted_exp(qs[s:e], kt, c, s, e, t)
+                ex = _SymmetricNegativeLSE._shifted_exp(qf[s:e], kt, shift, tau, s, e, t)
                 row[s:e] = ex.sum(1)
                 col += ex.sum(0)
             # log and shift in float64: keeps the absolute error of lse at fp32 rounding of the result, not of c
@@ -124,9 +124,9 @@ class _SymmetricNegativeLSE(torch.autograd.Function):
         return row, col
 
     @staticmethod
-    def _shifted_exp(qs: Tensor, kt: Tensor, c: float, s: int, e: int, t: int) -> Tensor:
-        """``exp(S[s:e] - c)`` with same-image entries zeroed."""
-        ex = torch.mm(qs, kt).sub_(c).exp_()
+    def _shifted_exp(q: Tensor, kt: Tensor, shift: Tensor, tau: float, s: int, e: int, t: int) -> Tensor:
+        """``exp(S[s:e] - c)`` with same-image entries zeroed (scale and shift folded into one addmm)."""
+        ex = torch.addmm(shift, q, kt, alpha=1.0 / tau).exp_()
         for img in range(s // t, (e - 1) // t + 1):
             ex[max(img * t, s) - s : min((img + 1) * t, e) - s, img * t : (img + 1) * t] = 0.0
         return ex
@@ -142,10 +142,10 @@ class _SymmetricNegativeLSE(torch.autograd.Function):
             # dL/dS_ij = a_i·exp(S_ij - row_i) + b_j·exp(S_ij - col_j) = exp(S_ij - c)·(a_i' + b_j'), then S = q·kᵀ/τ
             a = (grad_row.float() / tau) * torch.exp(c - row)
             b = (grad_col.float() / tau) * torch.exp(c - col)
-            qs = qf / tau
+            shift = torch.full((1,), -c, device=q.device, dtype=torch.float32)
             kt = kf.t()
             for s, e in _chunks(q.shape[0], k.shape[0], budget):
-                ex = _SymmetricNegativeLSE._shifted_exp(qs[s:e], kt, c, s, e, t)
+                ex = _SymmetricNegativeLSE._shifted_exp(qf[s:e], kt, shift, tau, s, e, t)
                 p = ex * a[s:e, None]
                 p.addcmul_(ex, b[None, :])
                 del ex
