@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -11,9 +12,11 @@ from torch import Tensor, nn
 from .capture import (
     InputSizeRecorder,
     block_tokens,
+    compiling,
     declared_prefix_tokens,
     detect_patch_size,
     find_blocks,
+    input_address,
     is_compiled,
     resolve_layer,
     tokens_to_map,
@@ -36,6 +39,11 @@ class _InertHook:
         return None
 
 
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass: checkpoint recomputation re-runs block L there, not a new view."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class _CaptureHook:
     """Forward hook on block L. Holds its SER handle and records only while the handle is armed.
 
@@ -48,7 +56,7 @@ class _CaptureHook:
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
         owner = self.owner
-        if owner._armed and module is owner._block:
+        if owner._armed and module is owner._block and not _in_backward():
             owner._record(output)
 
     def __deepcopy__(self, memo: Dict[int, Any]) -> _InertHook:
@@ -120,6 +128,8 @@ class SER(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise SERError(f"attach_ser needs an nn.Module, got {type(model).__name__}.")
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module  # hook the wrapped model: its hooks fire when the wrapper is called
         if is_compiled(model):
             raise SERError(
                 "the model is already compiled (torch.compile): hooks registered after compiling are silently "
@@ -132,8 +142,8 @@ class SER(nn.Module):
                         f"SER is already attached to this {type(model).__name__} (layer {hook.owner.layer}); call .remove() on that handle first "
                         "(or ser_plugin.remove_ser(model) if the handle is lost)."
                     )
-        if not (isinstance(lam, (int, float)) and lam >= 0):
-            raise SERError(f"lam must be a number >= 0, got {lam!r}.")
+        if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
+            raise SERError(f"lam must be a finite number >= 0, got {lam!r}.")
         blist = find_blocks(model, blocks)
         self.depth = len(blist)
         self.layer = resolve_layer(layer, self.depth) + 1
@@ -141,6 +151,10 @@ class SER(nn.Module):
         object.__setattr__(self, "_model", model)  # not a submodule
         object.__setattr__(self, "_block", blist[self.layer - 1])
         detected = detect_patch_size(model)
+        if patch_size is not None and (isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1):
+            raise SERError(f"patch_size must be a positive int, got {patch_size!r}.")
+        if isinstance(patch_size, int) and detected is not None and detected != (patch_size, patch_size):
+            raise SERError(f"patch_size={patch_size} but {type(model).__name__}'s patch embedding uses {detected}; drop patch_size= (it is detected).")
         self.patch_size: Optional[Tuple[int, int]] = (patch_size, patch_size) if isinstance(patch_size, int) else detected
         declared = declared_prefix_tokens(model) if num_prefix_tokens is None else int(num_prefix_tokens)
         if scale is not None and not _accepts_other_sizes(model):
@@ -210,11 +224,15 @@ class SER(nn.Module):
         tokens = block_tokens(output)
         if self._grad_at_arm and not torch.is_grad_enabled() and any(p.requires_grad for p in self._block.parameters()):
             raise SERError(
-                f"layer {self.layer} ran without autograd inside an armed capture: reentrant gradient checkpointing "
-                "(torch.utils.checkpoint with use_reentrant=True, timm < 1.0.13) hides the tokens' graph, so L_equiv would "
-                "send no gradient. Use non-reentrant checkpointing (use_reentrant=False, timm >= 1.0.13) or disable it."
+                f"layer {self.layer} ran without autograd inside an armed capture, so L_equiv would send it no gradient. Either "
+                "the pass ran under torch.no_grad() (run both SER views with gradient; put teacher/target passes outside "
+                "`with ser.capture()` and give them as ser.loss(pair, keys=...)), or reentrant gradient checkpointing "
+                "(torch.utils.checkpoint with use_reentrant=True, timm < 1.0.13) hid the tokens' graph: use non-reentrant "
+                "checkpointing (use_reentrant=False, timm >= 1.0.13) or disable it."
             )
         fmap, _ = tokens_to_map(tokens, self._recorder.hw, self.patch_size, self._prefix, self.layer)
+        if self._recorder.ptr is not None and not compiling():
+            fmap._ser_input_ptr = self._recorder.ptr  # type: ignore[attr-defined]  # checked in _pair_maps
         self._captures.append(fmap)
         if self._early_exit:
             raise _EarlyExit()
@@ -285,6 +303,12 @@ class SER(nn.Module):
                 raise SERError(
                     f"views and elements disagree: x1 {tuple(pair.x1.shape)}, x2 {tuple(pair.x2.shape)}, {len(pair.g1)} and {len(pair.g2)} elements."
                 )
+            a1, a2 = input_address(pair.x1), input_address(pair.x2)
+            if a1 is not None and a1 != a2 and (getattr(f1, "_ser_input_ptr", None), getattr(f2, "_ser_input_ptr", None)) == (a2, a1):
+                raise SERError(
+                    f"the captures ran on view 2 then view 1 (layer {self.layer}); ser.loss() takes them in order view 1, view 2: "
+                    "run model(pair.x1) before model(pair.x2) inside ser.capture(), or one pass on torch.cat([pair.x1, pair.x2])."
+                )
             if f1.shape[0] != n or f2.shape[0] != n:
                 raise SERError(f"captured maps {tuple(f1.shape)}, {tuple(f2.shape)} do not match the {n} images of the views; capture exactly the two views' passes.")
             if self.patch_size is not None:
@@ -329,7 +353,8 @@ class SER(nn.Module):
             return zero
         value = self.criterion(f1, f2, g, keys, self.head)
         if self.check_finite and not bool(torch.isfinite(value)):
-            bad = [name for name, f in (("view 1", f1), ("view 2", f2)) if not bool(torch.isfinite(f).all())]
+            maps = [("view 1", f1), ("view 2", f2)] + ([("teacher key 1", keys[0]), ("teacher key 2", keys[1])] if keys is not None else [])
+            bad = [name for name, f in maps if not bool(torch.isfinite(f).all())]
             raise SERError(
                 f"L_equiv is {value.item()} at layer {self.layer}: "
                 + (f"non-finite values (NaN/Inf) in the {' and '.join(bad)} token map(s) {tuple(f1.shape)}; the encoder diverged or got bad input."

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+import torch
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -52,6 +53,8 @@ def find_blocks(model: nn.Module, blocks: Union[None, str, Sequence[nn.Module]] 
         blocks: a dotted path (``"encoder.layer"``) or the list of block modules, to skip detection.
     """
     if blocks is not None:
+        if not isinstance(blocks, (str, nn.Module, list, tuple)):
+            raise SERError(f"blocks must be a dotted path like 'blocks' or a list of block modules, got {blocks!r}.")
         found = _get_path(model, blocks) if isinstance(blocks, str) else blocks
         if isinstance(found, nn.Module) and not isinstance(found, (nn.ModuleList, nn.Sequential)):
             raise SERError(f"blocks={blocks!r} resolves to a {type(found).__name__}, not a list of blocks (ModuleList/Sequential).")
@@ -195,14 +198,33 @@ class InputSizeRecorder:
 
     def __init__(self) -> None:
         self.hw: Optional[Tuple[int, int]] = None
+        self.ptr: Optional[int] = None
 
     def __call__(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
         x = _first_image(args, kwargs)
         if x is not None:
             self.hw = (int(x.shape[-2]), int(x.shape[-1]))
+            # the input's address (no reference kept): lets ser.loss spot views captured in the wrong order
+            self.ptr = input_address(x)
 
     def __deepcopy__(self, memo: Dict[int, Any]) -> InputSizeRecorder:
         return InputSizeRecorder()
+
+
+def compiling() -> bool:
+    """True while torch.compile traces (data pointers and tensor attributes are not available there)."""
+    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None) or torch._dynamo.is_compiling
+    return bool(fn())
+
+
+def input_address(x: Tensor) -> Optional[int]:
+    """``x.data_ptr()``, or None where there is none to compare (compiling, fake/meta/functorch tensors)."""
+    if compiling() or type(x) is not torch.Tensor or x.device.type == "meta":
+        return None
+    try:
+        return x.data_ptr()
+    except RuntimeError:
+        return None
 
 
 def is_compiled(model: nn.Module) -> bool:

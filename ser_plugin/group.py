@@ -87,22 +87,28 @@ class GroupElement:
             scale: ``(sy, sx)`` shared by the batch, or a ``(B, 2)`` tensor; default no scaling.
             device: where the tensors live (default: ``rot``'s device).
         """
-        rot_t = torch.as_tensor(rot, device=device).long().reshape(-1) % 4
-        dev = rot_t.device
-        flip_t = torch.as_tensor(flip, device=dev).bool().reshape(-1)
+        try:
+            rot_t = torch.as_tensor(rot, device=device).long().reshape(-1) % 4
+            dev = rot_t.device
+            flip_t = torch.as_tensor(flip, device=dev).bool().reshape(-1)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise SERError(f"rot and flip must be integer sequences or tensors, one entry per sample; got rot={rot!r}, flip={flip!r} ({e}).") from None
         if flip_t.shape != rot_t.shape:
             raise SERError(f"rot has {rot_t.numel()} entries but flip has {flip_t.numel()}; give one of each per sample.")
         n = rot_t.shape[0]
         if scale is None:
             sc = torch.ones(n, 2, dtype=torch.float64, device=dev)
         else:
-            sc = torch.as_tensor(scale, dtype=torch.float64, device=dev)
+            try:
+                sc = torch.as_tensor(scale, dtype=torch.float64, device=dev)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise SERError(f"scale must be (sy, sx) or an (n, 2) tensor of positive numbers, got {scale!r} ({e}).") from None
             if sc.shape == (2,):
                 sc = sc.expand(n, 2).clone()
             if sc.shape != (n, 2):
                 raise SERError(f"scale must be (sy, sx) or a ({n}, 2) tensor, got shape {tuple(sc.shape)}.")
-            if not bool((sc > 0).all()):
-                raise SERError(f"scale factors must be positive, got {sc.tolist()}.")
+            if not bool((sc > 0).all() and torch.isfinite(sc).all()):
+                raise SERError(f"scale factors must be positive and finite, got {sc.tolist()}.")
         return GroupElement(rot_t, flip_t, sc)
 
     @staticmethod
@@ -229,6 +235,8 @@ def _check_map(x: Tensor, what: str) -> None:
     if not isinstance(x, Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise SERError(f"{what} must be a (B, C, H, W) tensor, got {shape}.")
+    if x.shape[-2] == 0 or x.shape[-1] == 0:
+        raise SERError(f"{what} has an empty grid {tuple(x.shape)}; H and W must be positive.")
 
 
 def transform_grid(

@@ -317,6 +317,8 @@ class TokenInfoNCE(nn.Module):
         for name, f in (("f1", f1), ("f2", f2)):
             if not isinstance(f, Tensor) or f.dim() != 4:
                 raise SERError(f"{name} must be a (n, C, h, w) token map, got {tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__}.")
+            if not f.is_floating_point() or 0 in f.shape[1:]:
+                raise SERError(f"{name} must be a float map with C, h, w > 0, got {tuple(f.shape)} {f.dtype}.")
         if f1.shape[:2] != f2.shape[:2]:
             raise SERError(f"the two views' token maps disagree in images or channels: {tuple(f1.shape)} vs {tuple(f2.shape)}.")
         n = f1.shape[0]
@@ -330,9 +332,14 @@ class TokenInfoNCE(nn.Module):
         z1a = rho(z1, g, size=(h2, w2), mode=self.interpolation)
         if keys is not None:
             with torch.no_grad():
+                if not (isinstance(keys, (tuple, list)) and len(keys) == 2 and all(isinstance(k, Tensor) for k in keys)):
+                    raise SERError(f"keys must be a pair (k1, k2) of teacher maps shaped like the online maps, got {type(keys).__name__}.")
                 k1, k2 = keys
-                if k1.shape[0] != n or k2.shape[0] != n:
-                    raise SERError(f"teacher keys {tuple(k1.shape)}, {tuple(k2.shape)} do not match the {n} images of the online maps.")
+                if k1.shape != f1.shape or k2.shape != f2.shape:
+                    raise SERError(
+                        f"teacher keys {tuple(k1.shape)}, {tuple(k2.shape)} do not match the online maps {tuple(f1.shape)}, "
+                        f"{tuple(f2.shape)}; encode the same two views with the teacher at the same layer."
+                    )
                 t1 = rho(self._head(k1.detach(), head), g, size=(h2, w2), mode=self.interpolation)
                 t2 = self._head(k2.detach(), head)
         else:

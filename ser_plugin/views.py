@@ -113,7 +113,7 @@ class EquivariantViews(nn.Module):
         if not isinstance(patch_size, int) or patch_size < 1:
             raise SERError(f"patch_size must be a positive int, got {patch_size!r}.")
         if scale is not None:
-            if len(scale) != 2 or not (0 < scale[0] <= scale[1]):
+            if len(scale) != 2 or not all(isinstance(s, (int, float)) and math.isfinite(s) for s in scale) or not (0 < scale[0] <= scale[1]):
                 raise SERError(f"scale must be an area range (lo, hi) with 0 < lo <= hi, got {scale!r}.")
             if len(ratio) != 2 or not (0 < ratio[0] <= ratio[1]):
                 raise SERError(f"ratio must be (lo, hi) with 0 < lo <= hi, got {ratio!r}.")
@@ -165,9 +165,15 @@ class EquivariantViews(nn.Module):
     def forward(self, x: Tensor, generator: Optional[torch.Generator] = None) -> ViewPair:
         if not isinstance(x, Tensor) or x.dim() != 4:
             raise SERError(f"views expect an image batch (n, C, H, W), got {tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}.")
-        n, _, h, w = x.shape
+        n, c, h, w = x.shape
         if n == 0:
             raise SERError("views got an empty batch (n=0); b2 needs at least 2 images for the loss to have negatives.")
+        if not x.is_floating_point():
+            raise SERError(f"views expect float images in [0, 1], got dtype {x.dtype} (shape {tuple(x.shape)}); convert first, e.g. x.float() / 255.")
+        if c == 0 or h == 0 or w == 0:
+            raise SERError(f"views got an empty image batch {tuple(x.shape)}; channels, height and width must be positive.")
+        if self._photometric_spec == "mocov3" and c not in (1, 3):
+            raise SERError(f"photometric='mocov3' needs 1 or 3 channels, got {tuple(x.shape)}; pass photometric=None or your own (p1, p2) pair.")
         if h % self.patch_size or w % self.patch_size:
             raise SERError(f"image size ({h}, {w}) is not a multiple of patch_size={self.patch_size}; resize or crop first.")
         v1, v2 = self._photometric(x)

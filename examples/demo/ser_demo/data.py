@@ -1,0 +1,122 @@
+"""Datasets for the demo and the study: scikit-learn's digits (ships inside the package) or an ImageFolder.
+
+Everything is loaded into memory as float tensors in [0, 1], shape (N, C, S, S); augmentation happens on
+the training device with kornia (see :mod:`train`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class Split:
+    x_train: Tensor  # (N, C, S, S) in [0, 1]
+    y_train: Tensor  # (N,) long
+    x_test: Tensor
+    y_test: Tensor
+    name: str
+    classes: int
+
+    @property
+    def mean(self) -> Tuple[float, ...]:
+        return tuple(self.x_train.mean(dim=(0, 2, 3)).tolist())
+
+    @property
+    def std(self) -> Tuple[float, ...]:
+        return tuple(self.x_train.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
+
+
+def _stratified_split(y: np.ndarray, test_share: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(y))
+    tr, te = train_test_split(idx, test_size=test_share, random_state=seed, stratify=y)
+    return np.sort(tr), np.sort(te)
+
+
+def load_digits_split(size: int = 32, channels: int = 3, test_share: float = 0.25, split_seed: int = 0) -> Split:
+    """scikit-learn's 1,797 handwritten 8x8 digits, upscaled (bilinear) to ``size`` x ``size``.
+
+    The split is fixed (``split_seed``), independent of the training seed, so seeds vary only training.
+    """
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0  # (N, 1, 8, 8)
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+    x = x.expand(-1, channels, -1, -1).contiguous()
+    y = torch.tensor(d.target, dtype=torch.long)
+    tr, te = _stratified_split(d.target, test_share, split_seed)
+    return Split(x[tr], y[tr], x[te], y[te], f"digits{size}", 10)
+
+
+def load_image_folder(path: str, size: int = 32, channels: int = 3, test_share: float = 0.25, split_seed: int = 0,
+                      max_per_class: Optional[int] = None) -> Split:
+    """An ImageFolder-style directory (``path/<class>/<image>``): resized (shorter side) and centre-cropped to
+    ``size``, held in memory. If ``path`` has ``train/`` and ``val/`` (or ``test/``) sub-folders they are used as
+    the split; otherwise a stratified split with ``test_share``.
+    """
+    from torchvision import datasets, transforms
+
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data {path}: not a directory (expected path/<class>/<images>).")
+    tf = transforms.Compose([
+        transforms.Resize(size),
+        transforms.CenterCrop(size),
+        transforms.Grayscale(channels) if channels == 1 else transforms.Lambda(lambda im: im.convert("RGB")),
+        transforms.ToTensor(),
+    ])
+
+    def read(folder: Path) -> Tuple[Tensor, Tensor, list]:
+        ds = datasets.ImageFolder(str(folder), transform=tf)
+        keep = list(range(len(ds)))
+        if max_per_class is not None:
+            counts: dict = {}
+            keep = [i for i, (_, c) in enumerate(ds.samples) if counts.setdefault(c, 0) < max_per_class and not counts.__setitem__(c, counts[c] + 1)]
+        xs = torch.stack([ds[i][0] for i in keep])
+        ys = torch.tensor([ds.samples[i][1] for i in keep], dtype=torch.long)
+        return xs, ys, ds.classes
+
+    split_dirs = [root / "train", root / "val" if (root / "val").is_dir() else root / "test"]
+    if all(p.is_dir() for p in split_dirs):
+        xtr, ytr, classes = read(split_dirs[0])
+        xte, yte, _ = read(split_dirs[1])
+        return Split(xtr, ytr, xte, yte, root.name, len(classes))
+    x, y, classes = read(root)
+    tr, te = _stratified_split(y.numpy(), test_share, split_seed)
+    return Split(x[tr], y[tr], x[te], y[te], root.name, len(classes))
+
+
+def load_data(path: Optional[str], size: int = 32, channels: int = 3) -> Split:
+    return load_digits_split(size, channels) if path is None else load_image_folder(path, size, channels)
+
+
+def place_on_canvas(x: Tensor, canvas: int, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
+    """Pastes each image (N, C, S, S) at a random integer position on a black ``canvas`` x ``canvas`` image.
+
+    Returns the canvases and the boxes ``(x0, y0, x1, y1)`` in pixels: the box around the digit's strokes
+    (pixels with mean intensity > 0.2), not the pasted square.
+    """
+    n, c, s, _ = x.shape
+    out = torch.zeros(n, c, canvas, canvas)
+    pos = torch.randint(0, canvas - s + 1, (n, 2), generator=generator)
+    for i in range(n):
+        r, q = int(pos[i, 0]), int(pos[i, 1])
+        out[i, :, r : r + s, q : q + s] = x[i]
+    boxes = torch.zeros(n, 4)
+    ink = x.mean(1) > 0.2  # (N, S, S): the digit's strokes
+    for i in range(n):
+        rows, cols = ink[i].any(1).nonzero(), ink[i].any(0).nonzero()
+        r0, r1 = (int(rows.min()), int(rows.max()) + 1) if len(rows) else (0, s)
+        c0, c1 = (int(cols.min()), int(cols.max()) + 1) if len(cols) else (0, s)
+        boxes[i] = torch.tensor([pos[i, 1] + c0, pos[i, 0] + r0, pos[i, 1] + c1, pos[i, 0] + r1])
+    return out, boxes

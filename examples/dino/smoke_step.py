@@ -1,0 +1,200 @@
+"""One real DINO training step on the CPU through the SER adapter; prints a JSON report.
+
+Used by tests/test_adapter_dino.py (in a subprocess: host modules are patched). Builds student and teacher as
+``train_dino`` does (tiny DINO ``VisionTransformer``, ``MultiCropWrapper``, ``DINOHead``, DDP over a gloo group
+of world size 1, strict ``load_state_dict`` of the teacher from the student), the optimizer from the
+(adapter-wrapped) ``utils.get_params_groups``, and runs the checkout's ``train_one_epoch`` (adapter-wrapped) on
+tiny generated images with 2 global and 2 local crops. ``.cuda``/``cuda.synchronize``/metric sync are no-ops.
+
+    SER_DINO_DIR=/path/to/dino python examples/dino/smoke_step.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import main_dino_ser as adapter  # noqa: E402
+
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, n: int, size: int, transform, seed: int = 0) -> None:  # noqa: ANN001
+        from PIL import Image
+
+        rng = np.random.default_rng(seed)
+        self.images = [Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")) for _ in range(n)]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.transform(self.images[i]), 0
+
+
+def _block_grad_norms(term: torch.Tensor, blocks) -> list:  # noqa: ANN001
+    params = [p for b in blocks for p in b.parameters()]
+    grads = torch.autograd.grad(term, params, allow_unused=True, retain_graph=True)
+    out, i = [], 0
+    for b in blocks:
+        k = len(list(b.parameters()))
+        out.append(float(sum(float(g.norm()) ** 2 for g in grads[i : i + k] if g is not None) ** 0.5))
+        i += k
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layer", type=int, default=2)
+    ap.add_argument("--head", action="store_true")
+    ap.add_argument("--late-cls", action="store_true")
+    ap.add_argument("--world-size", type=int, default=1, help="> 1: that many gloo processes (DDP and SER's gather)")
+    opts = ap.parse_args()
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(30500 + os.getpid() % 1000))
+    if opts.world_size > 1:
+        torch.multiprocessing.spawn(run, args=(opts,), nprocs=opts.world_size)
+    else:
+        run(0, opts)
+
+
+def run(rank: int, opts: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    torch.nn.Module.cuda = lambda self, *a, **k: self
+    torch.cuda.synchronize = lambda *a, **k: None
+    dist.init_process_group("gloo", rank=rank, world_size=opts.world_size)
+    torch.manual_seed(rank)
+
+    main_dino = adapter.import_dino()
+    from functools import partial
+
+    import utils
+    import vision_transformer as vits
+
+    utils.MetricLogger.synchronize_between_processes = lambda self: None
+    # the launcher's command line: DINO's own parser plus the SER flags (torch.hub.list needs the network)
+    torch.hub.list = lambda *a, **k: []
+    cli = adapter.parse_args(["--arch", "vit_small", "--data_path", "x", "--ser_layer", "3", "--ser_lambda", "0.5", "--ser_late_cls"])
+    cli_ok = (cli.ser_layer, cli.ser_lambda, cli.ser_tau, cli.ser_late_cls, cli.arch, cli.batch_size_per_gpu) == (3, 0.5, 0.5, True, "vit_small", 64)
+    args = argparse.Namespace(
+        dino_dir=os.environ[adapter.ENV_VAR], ser_layer=opts.layer, ser_lambda=0.3, ser_tau=0.5, ser_b2=0.25,
+        ser_head=opts.head, ser_late_cls=opts.late_cls, epochs=1, clip_grad=3.0, freeze_last_layer=1,
+    )
+    plain_aug = main_dino.DataAugmentationDINO
+    state = adapter.install(args)
+    depth, out_dim, ncrops = 4, 64, 4
+    vit = partial(vits.VisionTransformer, patch_size=8, embed_dim=64, depth=depth, num_heads=4, mlp_ratio=2, qkv_bias=True,
+                  norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
+    head = partial(vits.DINOHead, 64, out_dim, hidden_dim=64, bottleneck_dim=32)
+    student = utils.MultiCropWrapper(vit(drop_path_rate=0.1), head())
+    teacher = utils.MultiCropWrapper(vit(), head(use_bn=False))
+    student = torch.nn.parallel.DistributedDataParallel(student)
+    teacher_without_ddp = teacher
+    params_groups = utils.get_params_groups(student)  # adapter: attaches SER to the student backbone here
+    teacher_without_ddp.load_state_dict(student.module.state_dict())  # strict, as in train_dino
+    for p in teacher.parameters():
+        p.requires_grad = False
+    dino_loss = main_dino.DINOLoss(out_dim, ncrops, 0.04, 0.04, 0, 1)
+    optimizer = torch.optim.AdamW(params_groups)
+
+    aug = main_dino.DataAugmentationDINO((0.5, 1.0), (0.2, 0.5), ncrops - 2)  # the adapter's subclass
+    for t, s in ((aug.global_transfo1, 32), (aug.global_transfo2, 32), (aug.local_transfo, 16)):
+        t.transforms[0].size = (s, s)  # main_dino crops 224/96; tiny sizes here
+    from ser_plugin.integrations import BaseCrop
+
+    aug.base_crop = BaseCrop(32, (0.5, 1.0))
+    data = torch.utils.data.DataLoader(_Images(8, 48, aug, seed=rank), batch_size=8, drop_last=True)
+    lr = utils.cosine_scheduler(5e-4, 1e-6, 1, len(data))
+    wd = utils.cosine_scheduler(0.04, 0.4, 1, len(data))
+    mom = utils.cosine_scheduler(0.996, 1, 1, len(data))
+    ser = state.ser
+    head_before = [p.detach().clone() for p in ser.parameters()]
+    stats = main_dino.train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data, optimizer, lr, wd, mom, 0, None, args)
+    ser_loss = float(ser.last_loss)
+    head_in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]} >= {id(p) for p in ser.parameters()}
+    head_moved = [bool((a != b.detach()).any()) for a, b in zip(head_before, ser.parameters())]
+    if opts.world_size > 1:  # DDP over gloo: every rank must end the step with the same weights, SER's included
+        flat = torch.cat([p.detach().flatten() for p in list(student.module.parameters()) + list(ser.parameters())])
+        every = [torch.zeros_like(flat) for _ in range(opts.world_size)]
+        dist.all_gather(every, flat)
+        losses = [torch.zeros(1) for _ in range(opts.world_size)]
+        dist.all_gather(losses, torch.tensor([ser_loss]))
+        if rank == 0:
+            print("SER_REPORT " + json.dumps({
+                "world_size": opts.world_size,
+                "max_param_diff_across_ranks": max(float((f - every[0]).abs().max()) for f in every),
+                "ser_losses_per_rank": [float(v) for v in losses],
+                "ser_params": sum(p.numel() for p in ser.parameters()),
+                "ser_params_updated": all(head_moved) if head_moved else None,
+            }))
+        dist.destroy_process_group()
+        return
+
+    # the SER term's own gradient, on a fresh batch through the adapter's loader and loss wrappers
+    gen = iter(adapter.SERBatches(data, state))
+    images, _ = next(gen)
+    wrapped = adapter.DINOLossWithSER(dino_loss, state)
+    center = dino_loss.center.clone()
+    t_out = teacher(images[:2])
+    torch.manual_seed(1)
+    s_out = student(images)
+    loss1 = wrapped(s_out, t_out, 0)
+    norms = _block_grad_norms(state.last_ser_term, list(student.module.backbone.blocks))
+    # lambda = 0: the adapter's loss equals the host's loss of an unmodified student with the same weights
+    dino_loss.center.copy_(center)
+    ser.lam = 0.0
+    torch.manual_seed(1)
+    s_out0 = student(images)
+    l_adapter0 = float(wrapped(s_out0, t_out, 0))
+    gen.close()
+    plain = utils.MultiCropWrapper(vit(drop_path_rate=0.1), head())
+    plain.load_state_dict(student.module.state_dict())
+    if opts.late_cls:
+        from ser_plugin import convert_late_cls
+
+        convert_late_cls(plain.backbone, opts.layer)
+    dino_loss.center.copy_(center)
+    torch.manual_seed(1)
+    l_plain = float(dino_loss(plain(images), t_out, 0))
+    ser.lam = 0.3
+
+    def n_capture_hooks(blocks) -> int:  # noqa: ANN001
+        return sum(type(h).__name__ == "_CaptureHook" for b in blocks for h in b._forward_hooks.values())
+
+    report = {
+        "step_loss": stats["loss"],
+        "ser_loss": ser_loss,
+        "ser_loss_finite": math.isfinite(ser_loss),
+        "layer": opts.layer,
+        "depth": depth,
+        "ser_grad_norms": norms,
+        "online_hook_blocks": [i + 1 for i, b in enumerate(student.module.backbone.blocks) if n_capture_hooks([b])],
+        "online_capture_hooks": n_capture_hooks(student.module.backbone.blocks),
+        "momentum_capture_hooks": n_capture_hooks(teacher.backbone.blocks),
+        "momentum_has_ser_params": len(teacher.state_dict()) != len(student.module.state_dict()),
+        "ser_params": sum(p.numel() for p in ser.parameters()),
+        "ser_params_in_optimizer": bool(head_in_opt),
+        "ser_params_updated": all(head_moved) if head_moved else None,
+        "b2": len(state.pair.g1),
+        "lam0_adapter_loss": l_adapter0,
+        "lam0_host_loss": l_plain,
+        "lam1_loss": float(loss1),
+        "plain_aug_class": plain_aug.__name__,
+        "cli_ok": cli_ok,
+    }
+    dist.destroy_process_group()
+    print("SER_REPORT " + json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Helpers shared by the training-loop adapters (MoCo-v3, DINO, solo-learn, Lightning, lightly).
+
+The adapters keep the *matched 2-view budget* of method.md §7: for the ``b2`` images of a batch, the two
+equivariant views **replace** the host's two usual views, so they also enter the host's unchanged SSL
+loss, and layer L's token maps are taken from the host's own forward passes (no extra encoder pass)::
+
+    n = b2_count(batch_size, share)                       # |b2|
+    pair = ser.views(base[-n:])                           # base: plain crops in [0, 1] of the same images
+    x1, x2 = replace_rows(x1, pair.x1), replace_rows(x2, pair.x2)
+    with ser.capture():
+        host_loss = host(x1, x2)                          # the host's forward, untouched
+    f1, f2 = ser.captures[0][-n:], ser.captures[1][-n:]   # b2 rows of the two captured passes
+    ser.clear()
+    loss = host_loss + loss_from_maps(ser, pair, f1, f2)
+
+:func:`loss_from_maps` is :meth:`SER.loss` for maps the caller sliced out of larger captures (same checks,
+same ``last_loss``, same λ=0 behaviour). :class:`BaseCrop` is the loader-side "plain crop" that the views
+are made from.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..attach import SER
+from ..errors import SERError
+from ..views import ViewPair
+
+__all__ = [
+    "b2_count",
+    "replace_rows",
+    "loss_from_maps",
+    "BaseCrop",
+    "base_to_float",
+    "average_grads_across_ranks",
+    "add_params_to_optimizer",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def b2_count(batch_size: int, share: float, minimum: int = 2) -> int:
+    """``|b2|`` for a (per-process) batch: ``round(share · batch_size)``, at least ``minimum`` (the loss needs
+    another image for negatives), at most ``batch_size``.
+
+    Example:
+        >>> b2_count(256, 0.01), b2_count(8, 0.25)
+        (3, 2)
+    """
+    if not (0 < share <= 1):
+        raise SERError(f"the b2 share must be in (0, 1], got {share!r} (paper: 0.01 at batch 4096; use 0.1-0.25 for small batches).")
+    if batch_size < minimum:
+        raise SERError(f"a batch of {batch_size} images cannot hold a b2 of {minimum} images; use a larger batch.")
+    return int(min(batch_size, max(minimum, round(share * batch_size))))
+
+
+def replace_rows(x: Tensor, rows: Tensor) -> Tensor:
+    """``x`` with its last ``len(rows)`` rows replaced by ``rows`` (a new tensor; dtype, device and memory
+    format of ``x`` kept). The b2 images are the last rows of the batch by convention."""
+    n = rows.shape[0]
+    if tuple(rows.shape[1:]) != tuple(x.shape[1:]):
+        raise SERError(
+            f"the b2 views {tuple(rows.shape)} cannot replace rows of the host's views {tuple(x.shape)}: same image size needed "
+            "(scale views change the size; use D4 views, scale=None, when views replace the host's rows)."
+        )
+    if n > x.shape[0]:
+        raise SERError(f"{n} b2 views for a batch of {x.shape[0]} images.")
+    out = x.clone()
+    out[x.shape[0] - n :] = rows.to(device=x.device, dtype=x.dtype)
+    return out
+
+
+def loss_from_maps(ser: SER, pair: ViewPair, f1: Tensor, f2: Tensor, keys: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+    """``λ·L_equiv`` from layer-L maps ``f1``, ``f2`` of the pair's two views, sliced by the caller out of
+    larger captures (b1 ∪ b2 in one host pass). Same checks and bookkeeping as :meth:`SER.loss`.
+
+    Shape:
+        ``f1, f2``: ``(n, C, h, w)`` with ``n = len(pair.g1)``.
+    """
+    if ser._captures:
+        raise SERError(
+            f"{len(ser._captures)} unconsumed capture(s) on this SER handle; call ser.clear() after slicing the maps out of "
+            "ser.captures, so that they are not mixed into the next step."
+        )
+    ser._captures = [f1, f2]
+    return ser.loss(pair, keys=keys)
+
+
+class BaseCrop:
+    """Loader-side plain crop the b2 views are made from: random-resized crop, as ``uint8`` (C, H, W).
+
+    No photometric augmentation and no flip (the view policy adds those); uint8 keeps the extra loader
+    output at 1 byte per pixel. On the device: ``x = base.float() / 255`` then ``ser.views(x)``.
+
+    Args:
+        size: output side (the host's global crop size, e.g. 224).
+        scale: area range of the crop (the host's own range for its global crops).
+    """
+
+    def __init__(self, size: int, scale: Tuple[float, float] = (0.08, 1.0)) -> None:
+        from torchvision import transforms
+
+        self.size = size
+        self.scale = tuple(scale)
+        self._t = transforms.Compose(
+            [transforms.RandomResizedCrop(size, scale=self.scale, interpolation=transforms.InterpolationMode.BICUBIC), transforms.PILToTensor()]
+        )
+
+    def __call__(self, image: Any) -> Tensor:
+        out = self._t(image.convert("RGB") if hasattr(image, "convert") else image)
+        return out
+
+    def __repr__(self) -> str:
+        return f"BaseCrop(size={self.size}, scale={self.scale})"
+
+
+def base_to_float(base: Tensor) -> Tensor:
+    """``uint8`` crops from :class:`BaseCrop` → float images in ``[0, 1]``."""
+    return base.float().div_(255) if base.dtype == torch.uint8 else base.float()
+
+
+def average_grads_across_ranks(module: nn.Module) -> List[Any]:
+    """Gradient hooks that average ``module``'s gradients over ranks, for SER parameters that live outside
+    the host's DDP wrapper (e.g. the token head in DINO, whose student must not own foreign parameters).
+    A no-op without an initialised process group. Returns the hook handles."""
+    import torch.distributed as dist
+
+    handles = []
+    for p in module.parameters():
+        if not p.requires_grad:
+            continue
+
+        def _avg(g: Tensor) -> Tensor:
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                g = g.clone()
+                dist.all_reduce(g)
+                g /= dist.get_world_size()
+            return g
+
+        handles.append(p.register_hook(_avg))
+    return handles
+
+
+def add_params_to_optimizer(optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter], **group: Any) -> bool:
+    """Adds ``params`` as a new group unless the optimizer already holds them; returns whether it added."""
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return False
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    missing = [p for p in params if id(p) not in held]
+    if not missing:
+        return False
+    if len(missing) != len(params):
+        raise SERError("the optimizer holds some SER parameters but not all; give it ser.parameters() as one group.")
+    optimizer.add_param_group({"params": missing, **group})
+    return True
+

@@ -1,0 +1,93 @@
+"""Deterministic tiny model, data and views shared by the torchrun helpers and the single-process references.
+
+Everything here is a pure function of its seed, so rank r of a 2-process run and the single-process
+reference in the test see bit-identical weights, images and group elements.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ser_plugin import GroupElement, ViewPair, act_image, rho
+
+IMG = 16
+PATCH = 4
+LAYER = 2
+
+
+def make_vit(seed: int = 0, dynamic: bool = False) -> nn.Module:
+    """A 3-block ViT (dim 32, patch 4, 16x16 inputs) with a [CLS] token; deterministic weights."""
+    torch.manual_seed(seed)
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=IMG, patch_size=PATCH, embed_dim=32, depth=3,
+        num_heads=2, num_classes=0, dynamic_img_size=dynamic,
+    )
+
+
+def make_images(n: int, seed: int) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, IMG, IMG, generator=g)
+
+
+def make_pair(x: Tensor, seed: int, sizes: Tuple[Tuple[int, int], Tuple[int, int]] | None = None) -> ViewPair:
+    """Two views of ``x`` with seeded per-sample D4 elements; ``sizes`` adds one scale per view."""
+    g = torch.Generator().manual_seed(seed)
+    n = x.shape[0]
+    elems = []
+    for v in range(2):
+        rot = torch.randint(0, 4, (n,), generator=g)
+        flip = torch.randint(0, 2, (n,), generator=g).bool()
+        if sizes is None:
+            elems.append(GroupElement.from_d4(rot, flip))
+        else:
+            h, w = sizes[v]
+            elems.append(GroupElement.from_d4(rot, flip, scale=(h / IMG, w / IMG)))
+    x1 = act_image(x, elems[0], size=None if sizes is None else sizes[0])
+    x2 = act_image(x, elems[1], size=None if sizes is None else sizes[1])
+    return ViewPair(x1, x2, elems[0], elems[1])
+
+
+def slice_pair(pair: ViewPair, start: int, end: int) -> ViewPair:
+    return ViewPair(pair.x1[start:end], pair.x2[start:end], pair.g1[start:end], pair.g2[start:end])
+
+
+def naive_ser_loss(maps: List[Tuple[Tensor, Tensor, GroupElement]], tau: float) -> Tensor:
+    """Hand-written symmetric token InfoNCE over a list of chunks ``(f1, f2, relative)`` with any grid per chunk.
+
+    Dense ``(N, M)`` similarities, explicit masks, no chunking and no distributed code: the independent
+    reference for what N ranks must compute together. Negatives of a query: every key token of every
+    other image (over all chunks); positive: the aligned token of the same image.
+    """
+    qa, ka, qb, kb, ids = [], [], [], [], []
+    offset = 0
+    for f1, f2, rel in maps:
+        z1a = rho(f1, rel, size=tuple(f2.shape[-2:]))
+        n, c = f2.shape[:2]
+        t2 = f2.flatten(2).transpose(1, 2).reshape(-1, c)
+        t1 = z1a.flatten(2).transpose(1, 2).reshape(-1, c)
+        qa.append(t2)
+        ka.append(t1)
+        qb.append(t1)
+        kb.append(t2)
+        ids.append(torch.arange(n).repeat_interleave(f2.shape[-2] * f2.shape[-1]) + offset)
+        offset += n
+    iid = torch.cat(ids)
+    same = iid[:, None] == iid[None, :]
+
+    def direction(q: Tensor, k: Tensor) -> Tensor:
+        s = F.normalize(q.float(), dim=-1) @ F.normalize(k.float(), dim=-1).t() / tau
+        pos = s.diagonal()
+        neg = s.masked_fill(same, float("-inf"))
+        allowed = torch.cat([pos[:, None], neg], dim=1)
+        return (torch.logsumexp(allowed, dim=1) - pos).mean()
+
+    return 0.5 * (direction(torch.cat(qa), torch.cat(ka)) + direction(torch.cat(qb), torch.cat(kb)))
+
+
+def flat_grads(model: nn.Module) -> Dict[str, Tensor]:
+    return {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}

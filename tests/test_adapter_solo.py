@@ -1,0 +1,62 @@
+"""The solo-learn adapter (via SERCallback) against the real repository: one training step on the CPU.
+
+Runs only with a checkout: ``SER_SOLO_DIR=/path/to/solo-learn`` (git clone https://github.com/vturrisi/solo-learn;
+its head, 1.0.6, not the PyPI release). solo-learn's own dependencies (hydra-core, omegaconf, timm, lightning,
+``setuptools<81``) must be importable. The step runs in a subprocess (Hydra, patched host modules).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "examples", "solo_learn", "smoke_step.py")
+
+pytestmark = pytest.mark.skipif(
+    not os.environ.get("SER_SOLO_DIR"),
+    reason="SER_SOLO_DIR is not set: clone vturrisi/solo-learn and set SER_SOLO_DIR to run the solo-learn adapter test",
+)
+
+
+def _run(*flags: str) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    proc = subprocess.run([sys.executable, SCRIPT, *flags], env=env, capture_output=True, text=True, timeout=400)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("SER_REPORT ")]
+    assert proc.returncode == 0 and lines, f"smoke step failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return json.loads(lines[-1][len("SER_REPORT ") :])
+
+
+def test_solo_mocov3_one_step_with_head() -> None:
+    r = _run("--head", "--layer", "3")
+    layer = r["layer"]
+    assert r["ser_loss_finite"] and r["ser_loss"] > 0
+    assert len(r["ser_grad_norms"]) == r["depth"]
+    assert all(g > 0 for g in r["ser_grad_norms"][:layer]), r["ser_grad_norms"]
+    assert all(g == 0 for g in r["ser_grad_norms"][layer:]), r["ser_grad_norms"]
+    assert r["online_hook_blocks"] == [layer] and r["online_capture_hooks"] == 1
+    assert r["momentum_capture_hooks"] == 0
+    assert r["ser_params"] > 0 and r["ser_params_in_optimizer"]
+    assert r["total_loss"] > r["host_loss"]
+    assert r["late_cls_pre_hooks"] == {"backbone": 0, "momentum_backbone": 0}
+    lo, hi = r["crop_scale"]  # the base crop follows the config's own random-resized-crop range
+    assert r["base_crop"] == f"BaseCrop(size=32, scale=({lo}, {hi}))", r["base_crop"]
+    # the views are normalised like solo's crops: the Normalize found in its pipeline (custom data: ImageNet's)
+    assert r["mean_std"] == [[0.485, 0.456, 0.406], [0.229, 0.224, 0.225]]
+    # solo's own training_step, unwrapped, gives the same host loss on the same batch
+    assert r["host_loss"] == pytest.approx(r["host_loss_recomputed"], abs=1e-6, rel=1e-6)
+
+
+def test_solo_lambda_zero_leaves_the_host_loss() -> None:
+    r = _run("--lam", "0", "--late-cls")  # the paper's control: late [CLS] + views, no loss
+    assert r["ser_loss_finite"]
+    assert r["total_loss"] == r["host_loss"]
+    assert r["host_loss"] == pytest.approx(r["host_loss_recomputed"], abs=1e-6, rel=1e-6)
+    assert all(g == 0 for g in r["ser_grad_norms"])  # lambda = 0: no gradient from SER
+    assert r["late_cls_pre_hooks"] == {"backbone": 1, "momentum_backbone": 1}  # both encoders: late [CLS]
+    assert r["momentum_capture_hooks"] == 0
