@@ -34,7 +34,7 @@ PLANS: Dict[str, Dict[str, List[str]]] = {
     },
     "capture": {"default": [], "full": ["--batch", "128"], "quick": ["--batch", "4"]},
     "budget": {
-        "default": ["--steps", "150"],
+        "default": ["--steps", "100"],
         "full": ["--steps", "400", "--seeds", "0", "1"],
         "quick": ["--steps", "2", "--eval-images", "8"],
     },
