@@ -98,6 +98,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="*", default=[0])
     p.add_argument("--eval-images", type=int, default=256)
     p.add_argument("--out", default=None)
+    p.add_argument("--tag", default="", help="suffix of the result file name (perf_budget<tag>.json)")
     args = p.parse_args()
     torch.set_num_threads(1)
     train, test = digits()
@@ -116,7 +117,7 @@ def main() -> None:
         f"{args.budget}. Score: equivariance_score on {args.eval_images} held-out digits at layer {args.layer}.\n\n"
         + md_table(rows, ["arm", "seed", "centred", "raw", "last_L_equiv", "seconds"]) + "\n"
     )
-    save("budget", {"rows": rows, "args": vars(args)}, md, args.out)
+    save("budget" + args.tag, {"rows": rows, "args": vars(args)}, md, args.out)
     print(md)
 
 
