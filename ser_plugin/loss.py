@@ -45,6 +45,18 @@ def _chunks(n: int, m: int, budget: int):
         yield s, min(n, s + rows)
 
 
+def _accumulate(p: Tensor, qf: Tensor, kf: Tensor, gq: Optional[Tensor], gk: Optional[Tensor], s: int, e: int) -> None:
+    """Backward of one chunk ``sim[s:e] = qf[s:e]·kfᵀ`` given ``p = dL/dsim`` (already divided by τ)."""
+    if gq is not None:
+        gq[s:e] = p @ kf
+    if gk is not None:
+        gk.addmm_(p.t(), qf[s:e])
+
+
+def _cast(grad: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
+    return grad.to(like.dtype) if grad is not None else None
+
+
 class _NegativeLSE(torch.autograd.Function):
     """``lse_i = log Σ_{j: kid_j ≠ qid_i} exp(q_i·k_j / τ)``, chunked forward and recomputing backward."""
 
@@ -77,18 +89,8 @@ class _NegativeLSE(torch.autograd.Function):
                 sim.masked_fill_(qid[s:e, None] == kid[None, :], float("-inf"))
                 # dL/dsim = g_i · softmax_ij ; then through sim = q·k/τ
                 p = sim.sub_(lse[s:e, None]).exp_().mul_(g[s:e, None] / tau)
-                if gq is not None:
-                    gq[s:e] = p @ kf
-                if gk is not None:
-                    gk.addmm_(p.t(), qf[s:e])
-        return (
-            gq.to(q.dtype) if gq is not None else None,
-            gk.to(k.dtype) if gk is not None else None,
-            None,
-            None,
-            None,
-            None,
-        )
+                _accumulate(p, qf, kf, gq, gk, s, e)
+        return _cast(gq, q), _cast(gk, k), None, None, None, None
 
 
 class _SymmetricNegativeLSE(torch.autograd.Function):
@@ -149,17 +151,8 @@ class _SymmetricNegativeLSE(torch.autograd.Function):
                 p = ex * a[s:e, None]
                 p.addcmul_(ex, b[None, :])
                 del ex
-                if gq is not None:
-                    gq[s:e] = p @ kf
-                if gk is not None:
-                    gk.addmm_(p.t(), qf[s:e])
-        return (
-            gq.to(q.dtype) if gq is not None else None,
-            gk.to(k.dtype) if gk is not None else None,
-            None,
-            None,
-            None,
-        )
+                _accumulate(p, qf, kf, gq, gk, s, e)
+        return _cast(gq, q), _cast(gk, k), None, None, None
 
 
 #: the fused symmetric path needs ``exp(-2c)`` (its smallest possible term) to stay a normal fp32 number
