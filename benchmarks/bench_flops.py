@@ -25,7 +25,7 @@ import copy
 import json
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +72,22 @@ class MoCoV3Like(nn.Module):
     @torch.no_grad()
     def keys(self, x: torch.Tensor) -> torch.Tensor:
         return self.m_projector(self.m_base(x))
+
+    def step_loss(self, x1: torch.Tensor, x2: torch.Tensor, world: int, ser: Any = None, pair: Any = None) -> torch.Tensor:
+        """The MoCo-v3 loss of one step; with SER, the first ``len(pair.x1)`` rows' views are SER's (matched budget)."""
+        if ser is None:
+            q1, q2 = self.online(x1), self.online(x2)
+            k1, k2 = self.keys(x1), self.keys(x2)
+            return host_contrastive(q1, k2, world) + host_contrastive(q2, k1, world)
+        n = pair.x1.shape[0]
+        with ser.capture():
+            v1, v2 = self.base(pair.x1), self.base(pair.x2)
+        e1, e2 = self.base(x1[n:]), self.base(x2[n:])
+        q1 = self.predictor(self.projector(torch.cat([e1, v1])))
+        q2 = self.predictor(self.projector(torch.cat([e2, v2])))
+        k1 = self.keys(torch.cat([x1[n:], pair.x1]))
+        k2 = self.keys(torch.cat([x2[n:], pair.x2]))
+        return host_contrastive(q1, k2, world) + host_contrastive(q2, k1, world) + ser.loss(pair)
 
 
 class SimulatedRanks:
@@ -125,20 +141,7 @@ def count_step(img: int, batch: int, b2: float, world: int, max_negatives: Optio
     t = (img // 16) ** 2
     fc = flop_counter()
     with fc, SimulatedRanks(world, n, t):
-        if ser_on:
-            with ser.capture():
-                v1, v2 = model.base(pair.x1), model.base(pair.x2)
-            e1, e2 = model.base(x1[n:]), model.base(x2[n:])
-            q1 = model.predictor(model.projector(torch.cat([e1, v1])))
-            q2 = model.predictor(model.projector(torch.cat([e2, v2])))
-            k1 = model.keys(torch.cat([x1[n:], pair.x1]))
-            k2 = model.keys(torch.cat([x2[n:], pair.x2]))
-        else:
-            q1, q2 = model.online(x1), model.online(x2)
-            k1, k2 = model.keys(x1), model.keys(x2)
-        loss = host_contrastive(q1, k2, world) + host_contrastive(q2, k1, world)
-        if ser_on:
-            loss = loss + ser.loss(pair)
+        loss = model.step_loss(x1, x2, world, ser if ser_on else None, pair if ser_on else None)
         loss.backward()
         opt.step()
     counts = {str(k): int(v) for k, v in fc.get_flop_counts()["Global"].items()}

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_flops import MoCoV3Like, host_contrastive  # noqa: E402
+from bench_flops import MoCoV3Like  # noqa: E402
 from common import (  # noqa: E402
     RSS_ENV,
     LiveTensorBytes,
@@ -66,21 +66,10 @@ def build(args: argparse.Namespace, b2: float, seed: int = 0):
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
+        pair = None
         if ser is not None:
             pair = loader_pair if loader_pair is not None else ser.views(x1[:n])
-            with ser.capture():
-                v1, v2 = model.base(pair.x1), model.base(pair.x2)
-            e1, e2 = model.base(x1[n:]), model.base(x2[n:])
-            q1 = model.predictor(model.projector(torch.cat([e1, v1])))
-            q2 = model.predictor(model.projector(torch.cat([e2, v2])))
-            k1 = model.keys(torch.cat([x1[n:], pair.x1]))
-            k2 = model.keys(torch.cat([x2[n:], pair.x2]))
-        else:
-            q1, q2 = model.online(x1), model.online(x2)
-            k1, k2 = model.keys(x1), model.keys(x2)
-        loss = host_contrastive(q1, k2, 1) + host_contrastive(q2, k1, 1)
-        if ser is not None:
-            loss = loss + ser.loss(pair)
+        loss = model.step_loss(x1, x2, 1, ser, pair)
         loss.backward()
         opt.step()
         with torch.no_grad():
