@@ -18,6 +18,7 @@ from .capture import (
     find_blocks,
     input_address,
     is_compiled,
+    model_roots,
     resolve_layer,
     tokens_to_map,
 )
@@ -67,9 +68,7 @@ class _CaptureHook:
 
 
 def _accepts_other_sizes(model: nn.Module) -> bool:
-    for root in (model, getattr(model, "vit", None), getattr(model, "backbone", None)):
-        if root is None:
-            continue
+    for root in model_roots(model):
         if getattr(root, "dynamic_img_size", False):  # timm
             return True
         if callable(getattr(root, "interpolate_pos_encoding", None)):  # DINO, DINOv2
@@ -207,9 +206,7 @@ class SER(nn.Module):
 
     @staticmethod
     def _embed_dim(model: nn.Module) -> Optional[int]:
-        for root in (model, getattr(model, "vit", None), getattr(model, "backbone", None)):
-            if root is None:
-                continue
+        for root in model_roots(model):
             for attr in ("embed_dim", "hidden_dim", "num_features"):
                 v = getattr(root, attr, None)
                 if isinstance(v, int):

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .errors import SERError
 
-__all__ = ["find_blocks", "resolve_layer", "detect_patch_size", "declared_prefix_tokens", "block_tokens", "tokens_to_map", "InputSizeRecorder"]
+__all__ = ["model_roots", "find_blocks", "resolve_layer", "detect_patch_size", "declared_prefix_tokens", "block_tokens", "tokens_to_map", "InputSizeRecorder"]
 
 _BLOCK_LIST_NAMES = ("blocks", "layers", "layer")
 
@@ -105,11 +105,15 @@ def _as_hw(p: Any) -> Optional[Tuple[int, int]]:
     return None
 
 
+def model_roots(model: nn.Module) -> List[nn.Module]:
+    """The model and the wrapped ViT inside common wrappers (lightly ``vit``, ``backbone``, MoCo ``base_encoder``)."""
+    roots = [model] + [getattr(model, name, None) for name in ("vit", "backbone", "base_encoder")]
+    return [r for r in roots if isinstance(r, nn.Module)]
+
+
 def detect_patch_size(model: nn.Module) -> Optional[Tuple[int, int]]:
     """Patch size of timm/DINO/DINOv2/torchvision/HF ViTs and wrappers (``vit``, ``backbone``); None if unknown."""
-    for root in (model, getattr(model, "vit", None), getattr(model, "backbone", None), getattr(model, "base_encoder", None)):
-        if root is None:
-            continue
+    for root in model_roots(model):
         for getter in (
             lambda m: getattr(getattr(m, "patch_embed", None), "patch_size", None),
             lambda m: getattr(m, "patch_size", None),
@@ -124,9 +128,7 @@ def detect_patch_size(model: nn.Module) -> Optional[Tuple[int, int]]:
 
 def declared_prefix_tokens(model: nn.Module) -> Optional[int]:
     """Prefix tokens ([CLS] + registers) the model declares, if it does."""
-    for root in (model, getattr(model, "vit", None), getattr(model, "backbone", None), getattr(model, "base_encoder", None)):
-        if root is None:
-            continue
+    for root in model_roots(model):
         if isinstance(getattr(root, "num_prefix_tokens", None), int):  # timm, lightly
             return root.num_prefix_tokens
         if hasattr(root, "num_register_tokens") and hasattr(root, "cls_token"):  # DINOv2
