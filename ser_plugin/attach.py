@@ -67,6 +67,12 @@ class _CaptureHook:
         return (_InertHook, ())
 
 
+def _attached_handles(model: nn.Module) -> List[SER]:
+    """The live SER handles whose capture hooks sit anywhere in ``model``."""
+    owners = {id(h.owner): h.owner for m in model.modules() for h in m._forward_hooks.values() if isinstance(h, _CaptureHook)}
+    return [o for o in owners.values() if o.is_attached]
+
+
 def _accepts_other_sizes(model: nn.Module) -> bool:
     for root in model_roots(model):
         if getattr(root, "dynamic_img_size", False):  # timm
@@ -134,13 +140,11 @@ class SER(nn.Module):
                 "the model is already compiled (torch.compile): hooks registered after compiling are silently "
                 "ignored (pytorch#117758). Attach SER first, then compile: ser = attach_ser(model, L); model = torch.compile(model)."
             )
-        for mod in model.modules():
-            for hook in mod._forward_hooks.values():
-                if isinstance(hook, _CaptureHook) and hook.owner.is_attached:
-                    raise SERError(
-                        f"SER is already attached to this {type(model).__name__} (layer {hook.owner.layer}); call .remove() on that handle first "
-                        "(or ser_plugin.remove_ser(model) if the handle is lost)."
-                    )
+        for owner in _attached_handles(model):
+            raise SERError(
+                f"SER is already attached to this {type(model).__name__} (layer {owner.layer}); call .remove() on that handle first "
+                "(or ser_plugin.remove_ser(model) if the handle is lost)."
+            )
         if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
             raise SERError(f"lam must be a finite number >= 0, got {lam!r}.")
         blist = find_blocks(model, blocks)
@@ -281,6 +285,7 @@ class SER(nn.Module):
         return self.view_policy(x, generator=generator)
 
     def _pair_maps(self, pair: Optional[ViewPair]) -> Tuple[Tensor, Tensor]:
+        """Consumes the captures as (view 1, view 2) maps and checks them against ``pair``."""
         caps, self._captures = self._captures, []
         shapes = [tuple(c.shape) for c in caps]
         n = len(pair.g1) if pair is not None else None
@@ -296,24 +301,28 @@ class SER(nn.Module):
                 + "."
             )
         if pair is not None:
-            if len(pair.g1) != len(pair.g2) or pair.x1.shape[0] != len(pair.g1) or pair.x2.shape[0] != len(pair.g2):
-                raise SERError(
-                    f"views and elements disagree: x1 {tuple(pair.x1.shape)}, x2 {tuple(pair.x2.shape)}, {len(pair.g1)} and {len(pair.g2)} elements."
-                )
-            a1, a2 = input_address(pair.x1), input_address(pair.x2)
-            if a1 is not None and a1 != a2 and (getattr(f1, "_ser_input_ptr", None), getattr(f2, "_ser_input_ptr", None)) == (a2, a1):
-                raise SERError(
-                    f"the captures ran on view 2 then view 1 (layer {self.layer}); ser.loss() takes them in order view 1, view 2: "
-                    "run model(pair.x1) before model(pair.x2) inside ser.capture(), or one pass on torch.cat([pair.x1, pair.x2])."
-                )
-            if f1.shape[0] != n or f2.shape[0] != n:
-                raise SERError(f"captured maps {tuple(f1.shape)}, {tuple(f2.shape)} do not match the {n} images of the views; capture exactly the two views' passes.")
-            if self.patch_size is not None:
-                for i, (x, f) in enumerate(((pair.x1, f1), (pair.x2, f2)), 1):
-                    grid = (x.shape[-2] // self.patch_size[0], x.shape[-1] // self.patch_size[1])
-                    if tuple(f.shape[-2:]) != grid:
-                        raise SERError(f"view {i} is {tuple(x.shape)} (grid {grid}) but its captured map is {tuple(f.shape)}: captures out of order or not these views.")
+            self._check_pair(pair, f1, f2)
         return f1, f2
+
+    def _check_pair(self, pair: ViewPair, f1: Tensor, f2: Tensor) -> None:
+        n = len(pair.g1)
+        if len(pair.g1) != len(pair.g2) or pair.x1.shape[0] != len(pair.g1) or pair.x2.shape[0] != len(pair.g2):
+            raise SERError(
+                f"views and elements disagree: x1 {tuple(pair.x1.shape)}, x2 {tuple(pair.x2.shape)}, {len(pair.g1)} and {len(pair.g2)} elements."
+            )
+        a1, a2 = input_address(pair.x1), input_address(pair.x2)
+        if a1 is not None and a1 != a2 and (getattr(f1, "_ser_input_ptr", None), getattr(f2, "_ser_input_ptr", None)) == (a2, a1):
+            raise SERError(
+                f"the captures ran on view 2 then view 1 (layer {self.layer}); ser.loss() takes them in order view 1, view 2: "
+                "run model(pair.x1) before model(pair.x2) inside ser.capture(), or one pass on torch.cat([pair.x1, pair.x2])."
+            )
+        if f1.shape[0] != n or f2.shape[0] != n:
+            raise SERError(f"captured maps {tuple(f1.shape)}, {tuple(f2.shape)} do not match the {n} images of the views; capture exactly the two views' passes.")
+        if self.patch_size is not None:
+            for i, (x, f) in enumerate(((pair.x1, f1), (pair.x2, f2)), 1):
+                grid = (x.shape[-2] // self.patch_size[0], x.shape[-1] // self.patch_size[1])
+                if tuple(f.shape[-2:]) != grid:
+                    raise SERError(f"view {i} is {tuple(x.shape)} (grid {grid}) but its captured map is {tuple(f.shape)}: captures out of order or not these views.")
 
     def loss(
         self, pair: Optional[ViewPair] = None, *, g: Optional[Any] = None, keys: Optional[Tuple[Tensor, Tensor]] = None
@@ -335,9 +344,13 @@ class SER(nn.Module):
 
     def forward_loss(self, pair: ViewPair, keys: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
         """Runs the encoder on both views (stopping after block L) and returns ``λ·L_equiv``."""
-        f1, f2 = self.encode(pair.x1), self.encode(pair.x2)
-        self._captures = [f1, f2]
-        f1, f2 = self._pair_maps(pair)
+        return self.loss_from_maps(pair, self.encode(pair.x1), self.encode(pair.x2), keys=keys)
+
+    def loss_from_maps(self, pair: ViewPair, f1: Tensor, f2: Tensor, keys: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+        """``λ·L_equiv`` from layer-L maps of the pair's two views obtained by the caller (e.g. sliced out of a
+        larger capture); same checks and bookkeeping as :meth:`loss`, captures untouched."""
+        self._check_attached()
+        self._check_pair(pair, f1, f2)
         return self._weighted(f1, f2, pair.relative, keys)
 
     def _weighted(self, f1: Tensor, f2: Tensor, g: Any, keys: Optional[Tuple[Tensor, Tensor]]) -> Tensor:
@@ -417,7 +430,7 @@ def attach_ser(model: nn.Module, layer: int, **kwargs: Any) -> SER:
 
 def remove_ser(model: nn.Module) -> int:
     """Removes every SER attached to ``model`` (for when the handle was lost); returns how many."""
-    owners = {id(h.owner): h.owner for m in model.modules() for h in m._forward_hooks.values() if isinstance(h, _CaptureHook)}
-    for owner in owners.values():
+    owners = _attached_handles(model)
+    for owner in owners:
         owner.remove()
     return len(owners)

@@ -83,13 +83,12 @@ def loss_from_maps(ser: SER, pair: ViewPair, f1: Tensor, f2: Tensor, keys: Optio
     Shape:
         ``f1, f2``: ``(n, C, h, w)`` with ``n = len(pair.g1)``.
     """
-    if ser._captures:
+    if ser.captures:
         raise SERError(
-            f"{len(ser._captures)} unconsumed capture(s) on this SER handle; call ser.clear() after slicing the maps out of "
+            f"{len(ser.captures)} unconsumed capture(s) on this SER handle; call ser.clear() after slicing the maps out of "
             "ser.captures, so that they are not mixed into the next step."
         )
-    ser._captures = [f1, f2]
-    return ser.loss(pair, keys=keys)
+    return ser.loss_from_maps(pair, f1, f2, keys=keys)
 
 
 class BaseCrop:
