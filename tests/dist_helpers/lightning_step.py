@@ -81,6 +81,10 @@ def main() -> None:
             {"world": ws, "host": t[0] / ws, "ser": t[1] / ws, "params": {n: p.detach().clone() for n, p in module.named_parameters()}},
             args.out,
         )
+    # tear the process group down before the interpreter exits, as ddp_step.py does: left alive, gloo's threads
+    # were seen to abort the process at exit ("terminate called without an active exception")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
