@@ -1,0 +1,206 @@
+"""Batched, sync-free photometric augmentations for the equivariant views (no geometric part).
+
+kornia's augmentation modules gate samples with Python reads of the per-sample draws (about ten host reads
+per batch on a GPU). :class:`BatchedPhotometric` draws every parameter of a batch in one sampling with the
+caller's generator, computes each step for the whole batch with kornia's functional ops (which take
+per-sample tensor parameters) and keeps it per sample with ``torch.where``: no host read, no boolean-mask
+indexing, no data-dependent Python branch. Steps that only some samples get (blur at p=0.1, solarize) are
+computed for the whole batch and selected, which costs compute but never a stall.
+
+Two variants:
+
+``"mocov3"`` (MoCo-v3's asymmetric recipe, torchvision semantics as in kornia's ``ColorJitter``)
+    colour jitter (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1; p=0.8; brightness multiplies,
+    contrast blends with the grayscale mean, saturation with the grayscale) in a random order drawn per
+    sample; grayscale p=0.2; Gaussian blur sigma ~ U(0.1, 2) with a kernel of about 10% of the image side
+    (23 px at 224), p=1.0 on view 1 and 0.1 on view 2; solarize at 0.5, p=0.2, on view 2 only.
+``"authors"`` (the SER authors' released variant, kornia ``ColorJiggle`` semantics)
+    the same strengths and probabilities, but brightness is additive (``x + f - 1``), contrast multiplies
+    the raw values, saturation scales the HSV saturation, and the jitter order is drawn once per batch;
+    blur kernel 9 px at 224 px, scaled with the image side; solarize (view 2, p=0.2) at a threshold drawn
+    per sample from U(0, 1) (kornia's ``RandomSolarize(thresholds=0.5)``: values at or above the threshold
+    are inverted, ``x -> 1 - x``).
+
+Inputs are ``(B, 3, H, W)`` or ``(B, 1, H, W)`` in ``[0, 1]`` (one channel is processed as gray RGB and
+averaged back); outputs have the input's shape, in ``[0, 1]``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .errors import SERError
+
+__all__ = ["BatchedPhotometric", "VARIANTS", "blur_kernel_size"]
+
+#: The built-in photometric variants.
+VARIANTS = ("mocov3", "authors")
+
+_BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = 0.4, 0.4, 0.2, 0.1
+_P_JITTER, _P_GRAY, _P_SOLARIZE = 0.8, 0.2, 0.2
+_SIGMA = (0.1, 2.0)
+
+
+def blur_kernel_size(variant: str, image_size: int) -> int:
+    """The odd Gaussian-blur kernel side for an image side: MoCo-v3 about 10% (23 at 224), authors 9 at 224.
+
+    Args:
+        variant: ``"mocov3"`` or ``"authors"``.
+        image_size: the image side in pixels.
+
+    Returns:
+        An odd kernel size, at least 3.
+    """
+    frac = 0.1 if variant == "mocov3" else 9.0 / 224.0
+    return max(3, int(round(frac * image_size)) | 1)
+
+
+def _nb(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` on ``like``'s device and dtype; a host-to-device copy is non-blocking (no stream sync)."""
+    if t.device != like.device:
+        t = t.to(like.device, non_blocking=True)
+    return t.to(like.dtype) if t.is_floating_point() and t.dtype != like.dtype else t
+
+
+def _sel(flag: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """Per sample: ``a`` where ``flag`` (B,) else ``b``."""
+    return torch.where(flag.view(-1, 1, 1, 1), a, b)
+
+
+class BatchedPhotometric(nn.Module):
+    """One view's photometric augmentation, batched and free of host syncs.
+
+    Args:
+        variant: ``"mocov3"`` or ``"authors"`` (see the module docstring).
+        second: the second view's recipe (blur p=0.1 and solarize p=0.2 instead of blur p=1.0).
+        kernel_size: blur kernel side; default from the image side at each call
+            (:func:`blur_kernel_size`).
+
+    Shape:
+        ``(B, C, H, W) -> (B, C, H, W)`` with ``C`` in ``{1, 3}``, values in ``[0, 1]``.
+
+    Raises:
+        SERError: unknown variant, or a channel count other than 1 or 3.
+
+    Example:
+        >>> p = BatchedPhotometric("mocov3", second=True)
+        >>> p(torch.rand(4, 3, 32, 32), generator=torch.Generator().manual_seed(0)).shape
+        torch.Size([4, 3, 32, 32])
+    """
+
+    def __init__(self, variant: str = "mocov3", second: bool = False, kernel_size: Optional[int] = None) -> None:
+        super().__init__()
+        if variant not in VARIANTS:
+            raise SERError(f"unknown photometric variant {variant!r}; use one of {VARIANTS}.")
+        if kernel_size is not None and (kernel_size < 1 or kernel_size % 2 == 0):
+            raise SERError(f"kernel_size must be a positive odd int, got {kernel_size!r}.")
+        self.variant = variant
+        self.second = second
+        self.kernel_size = kernel_size
+        self.p_blur = 0.1 if second else 1.0
+        self.p_solarize = _P_SOLARIZE if second else 0.0
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self, n: int, generator: Optional[torch.Generator] = None, device: Optional[torch.device] = None) -> Dict[str, Tensor]:
+        """All parameters of a batch in one draw on the generator's device (default: CPU).
+
+        Args:
+            n: batch size.
+            generator: the random source; its device is where the parameters are drawn.
+            device: where to draw when ``generator`` is None (default CPU, the global generator).
+
+        Returns:
+            ``jitter`` (n,) bool, ``factors`` (n, 4) brightness/contrast/saturation/hue, ``order`` (n, 4)
+            a permutation of 0..3 per sample, ``gray``/``blur``/``solarize`` (n,) bool, ``sigma`` (n,),
+            ``threshold`` (n,).
+        """
+        dev = generator.device if generator is not None else (device or torch.device("cpu"))
+        u = torch.rand(n, 14, generator=generator, device=dev, dtype=torch.float32)
+        lo = torch.tensor([1 - _BRIGHTNESS, 1 - _CONTRAST, 1 - _SATURATION, -_HUE], device=dev)
+        hi = torch.tensor([1 + _BRIGHTNESS, 1 + _CONTRAST, 1 + _SATURATION, _HUE], device=dev)
+        keys = u[:, 1:5]
+        if self.variant == "authors":  # kornia ColorJiggle: one order for the batch
+            keys = keys[:1].expand(n, 4)
+        return {
+            "jitter": u[:, 0] < _P_JITTER,
+            "order": keys.argsort(dim=1),
+            "factors": lo + (hi - lo) * u[:, 5:9],
+            "gray": u[:, 9] < _P_GRAY,
+            "blur": u[:, 10] < self.p_blur,
+            "sigma": _SIGMA[0] + (_SIGMA[1] - _SIGMA[0]) * u[:, 11],
+            "solarize": u[:, 12] < self.p_solarize,
+            "threshold": u[:, 13] if self.variant == "authors" else torch.full_like(u[:, 13], 0.5),
+        }
+
+    # ------------------------------------------------------------------ the steps (kornia functional ops)
+    def _step(self, k: int, x: Tensor, f: Tensor) -> Tensor:
+        import kornia.enhance as E
+
+        if self.variant == "mocov3":  # torchvision formulas (kornia ColorJitter)
+            if k == 0:
+                return E.adjust_brightness_accumulative(x, f)
+            if k == 1:
+                return E.adjust_contrast_with_mean_subtraction(x, f)
+            if k == 2:
+                return E.adjust_saturation_with_gray_subtraction(x, f)
+            return E.adjust_hue(x, f * (2 * math.pi)).clamp(0.0, 1.0)
+        # kornia ColorJiggle formulas
+        if k == 0:
+            return E.adjust_brightness(x, f - 1)
+        if k == 1:  # adjust_contrast's formula (x * f, clipped), without its per-call value assert
+            return (x * f.view(-1, 1, 1, 1)).clamp(0.0, 1.0)
+        if k == 2:
+            return E.adjust_saturation(x, f).clamp(0.0, 1.0)
+        return E.adjust_hue(x, f * (2 * math.pi)).clamp(0.0, 1.0)
+
+    def apply(self, x: Tensor, params: Dict[str, Tensor]) -> Tensor:
+        """Applies drawn parameters to ``x`` (B, 3, H, W) in ``[0, 1]``; every sample keeps its own choices."""
+        from kornia.color import rgb_to_grayscale
+        from kornia.enhance import solarize
+        from kornia.filters import filter2d_separable, get_gaussian_kernel1d
+
+        p = {k: _nb(v, x) for k, v in params.items()}
+        x = x.clamp(0.0, 1.0)
+        # colour jitter: stage s applies, per sample, the step order[:, s]
+        y = x
+        for s in range(4):
+            step = p["order"][:, s]
+            out = y
+            for k in range(4):
+                out = _sel(step == k, self._step(k, y, p["factors"][:, k]), out)
+            y = out
+        x = _sel(p["jitter"], y, x)
+        x = _sel(p["gray"], rgb_to_grayscale(x).expand_as(x), x)
+        ks = self.kernel_size or blur_kernel_size(self.variant, min(x.shape[-2:]))
+        sig = p["sigma"].view(-1, 1)
+        kern = get_gaussian_kernel1d(ks, sig)
+        x = _sel(p["blur"], filter2d_separable(x, kern, kern, "reflect"), x)
+        if self.p_solarize > 0:
+            x = _sel(p["solarize"], solarize(x, p["threshold"]), x)
+        return x
+
+    def forward(self, x: Tensor, generator: Optional[torch.Generator] = None, params: Optional[Dict[str, Tensor]] = None) -> Tensor:
+        """Augments a batch ``(B, C, H, W)`` in ``[0, 1]``, ``C`` in ``{1, 3}``.
+
+        Args:
+            x: the images.
+            generator: random source (CPU or the images' device); parameters are drawn on its device.
+            params: parameters from :meth:`sample` to replay instead of drawing.
+
+        Returns:
+            The augmented images, same shape.
+        """
+        if x.dim() != 4 or x.shape[1] not in (1, 3):
+            raise SERError(f"photometric={self.variant!r} needs (B, 1 or 3, H, W) images, got {tuple(x.shape)}; pass photometric=None or your own (p1, p2) pair.")
+        if params is None:
+            params = self.sample(x.shape[0], generator)
+        if x.shape[1] == 1:
+            return self.apply(x.expand(-1, 3, -1, -1), params).mean(1, keepdim=True)
+        return self.apply(x, params)
+
+    def extra_repr(self) -> str:
+        return f"variant={self.variant!r}, second={self.second}, kernel_size={self.kernel_size}"
