@@ -210,7 +210,7 @@ class GroupElement:
 
 
 # ---------------------------------------------------------------------- the grid transform
-def _d4_index(h: int, w: int, ho: int, wo: int, rot: Tensor, flip: Tensor) -> Tensor:
+def _d4_gather_index(h: int, w: int, ho: int, wo: int, rot: Tensor, flip: Tensor) -> Tensor:
     """Flat source index of every output cell, per sample: ``y.flatten()[b, t] = x.flatten()[b, idx[b, t]]``.
 
     ``(ho, wo)`` is the output grid, ``(w, h)`` for odd ``rot`` and ``(h, w)`` for even ones; the caller
@@ -226,6 +226,13 @@ def _d4_index(h: int, w: int, ho: int, wo: int, rot: Tensor, flip: Tensor) -> Te
     return (a * w + b).reshape(rot.shape[0], ho * wo)
 
 
+def _d4_index(h: int, w: int, rot: Tensor, flip: Tensor) -> Tuple[Tensor, int, int]:
+    """``(index, ho, wo)`` for elements of one parity (reads ``rot[0]``; kept for callers outside the hot path)."""
+    odd = int(rot[:1].cpu().item()) % 2 == 1 if rot.numel() else False
+    ho, wo = (w, h) if odd else (h, w)
+    return _d4_gather_index(h, w, ho, wo, rot, flip), ho, wo
+
+
 def _apply_d4(x: Tensor, rot: Tensor, flip: Tensor, odd: bool) -> Tensor:
     """Per-sample D4 permutation of the last two axes of ``x`` (B, C, H, W), one gather, no host read.
 
@@ -234,7 +241,7 @@ def _apply_d4(x: Tensor, rot: Tensor, flip: Tensor, odd: bool) -> Tensor:
     """
     bsz, c, h, w = x.shape
     ho, wo = (w, h) if odd else (h, w)
-    idx = _d4_index(h, w, ho, wo, rot, flip)
+    idx = _d4_gather_index(h, w, ho, wo, rot, flip)
     out = x.reshape(bsz, c, h * w).gather(2, idx[:, None, :].expand(bsz, c, ho * wo))
     return out.reshape(bsz, c, ho, wo)
 

@@ -11,12 +11,12 @@ Two variants:
 
 ``"mocov3"`` (MoCo-v3's asymmetric recipe, torchvision semantics as in kornia's ``ColorJitter``)
     colour jitter (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1; p=0.8; brightness multiplies,
-    contrast blends with the grayscale mean, saturation with the grayscale) in a random order drawn per
-    sample; grayscale p=0.2; Gaussian blur sigma ~ U(0.1, 2) with a kernel of about 10% of the image side
+    contrast blends with the grayscale mean, saturation with the grayscale) in a random order per image
+    (see :meth:`BatchedPhotometric.sample`); grayscale p=0.2; Gaussian blur sigma ~ U(0.1, 2) with a kernel of about 10% of the image side
     (23 px at 224), p=1.0 on view 1 and 0.1 on view 2; solarize at 0.5, p=0.2, on view 2 only.
 ``"authors"`` (the SER authors' released variant, kornia ``ColorJiggle`` semantics)
     the same strengths and probabilities, but brightness is additive (``x + f - 1``), contrast multiplies
-    the raw values, saturation scales the HSV saturation, and the jitter order is drawn once per batch;
+    the raw values and saturation scales the HSV saturation;
     blur kernel 9 px at 224 px, scaled with the image side; solarize (view 2, p=0.2) at a threshold drawn
     per sample from U(0, 1) (kornia's ``RandomSolarize(thresholds=0.5)``: values at or above the threshold
     are inverted, ``x -> 1 - x``).
@@ -108,32 +108,45 @@ class BatchedPhotometric(nn.Module):
     def sample(self, n: int, generator: Optional[torch.Generator] = None, device: Optional[torch.device] = None) -> Dict[str, Tensor]:
         """All parameters of a batch in one draw on the generator's device (default: CPU).
 
+        The batch is laid out in ``m = 4·ceil(n/4)`` slots (a random injection ``slot[j]`` of the ``n`` images;
+        unused slots hold a copy of image 0 and are dropped). Slot ``i`` applies the hue step at jitter stage
+        ``i // (m/4)``, so the expensive hue step runs once per image on static slices, while each image's
+        position — uniform slot — gets a hue stage uniform over the four, and a uniform random order of the
+        other three steps: per image, the order is uniform over the 24 permutations, as in torchvision and
+        kornia (which share one order across a batch).
+
         Args:
             n: batch size.
             generator: the random source; its device is where the parameters are drawn.
             device: where to draw when ``generator`` is None (default CPU, the global generator).
 
         Returns:
-            ``jitter`` (n,) bool, ``factors`` (n, 4) brightness/contrast/saturation/hue, ``order`` (n, 4)
-            a permutation of 0..3 per sample, ``gray``/``blur``/``solarize`` (n,) bool, ``sigma`` (n,),
-            ``threshold`` (n,).
+            Per slot (``m`` rows): ``jitter`` bool, ``factors`` (m, 4) brightness/contrast/saturation/hue,
+            ``order`` (m, 4) a permutation of 0..3, ``gray``/``blur``/``solarize`` bool, ``sigma``,
+            ``threshold``; and ``slot`` (n,), the slot of each image.
         """
         dev = generator.device if generator is not None else (device or torch.device("cpu"))
-        u = torch.rand(n, 14, generator=generator, device=dev, dtype=torch.float32)
+        q = -(-n // 4)
+        m = 4 * q
+        u = torch.rand(m, 13, generator=generator, device=dev, dtype=torch.float32)
+        slot = torch.randperm(m, generator=generator, device=dev)[:n]
         lo = torch.tensor([1 - _BRIGHTNESS, 1 - _CONTRAST, 1 - _SATURATION, -_HUE], device=dev)
         hi = torch.tensor([1 + _BRIGHTNESS, 1 + _CONTRAST, 1 + _SATURATION, _HUE], device=dev)
-        keys = u[:, 1:5]
-        if self.variant == "authors":  # kornia ColorJiggle: one order for the batch
-            keys = keys[:1].expand(n, 4)
+        hue_at = torch.arange(m, device=dev) // q  # (m,) stage of the hue step, static per slot
+        rest = u[:, 1:4].argsort(dim=1)  # (m, 3) random order of brightness, contrast, saturation
+        stage = torch.arange(4, device=dev).view(1, 4)
+        k = (stage - (stage > hue_at[:, None]).long()).clamp(0, 2)
+        order = torch.where(stage == hue_at[:, None], 3, rest.gather(1, k))
         return {
+            "slot": slot,
             "jitter": u[:, 0] < _P_JITTER,
-            "order": keys.argsort(dim=1),
-            "factors": lo + (hi - lo) * u[:, 5:9],
-            "gray": u[:, 9] < _P_GRAY,
-            "blur": u[:, 10] < self.p_blur,
-            "sigma": _SIGMA[0] + (_SIGMA[1] - _SIGMA[0]) * u[:, 11],
-            "solarize": u[:, 12] < self.p_solarize,
-            "threshold": u[:, 13] if self.variant == "authors" else torch.full_like(u[:, 13], 0.5),
+            "order": order,
+            "factors": lo + (hi - lo) * u[:, 4:8],
+            "gray": u[:, 8] < _P_GRAY,
+            "blur": u[:, 9] < self.p_blur,
+            "sigma": _SIGMA[0] + (_SIGMA[1] - _SIGMA[0]) * u[:, 10],
+            "solarize": u[:, 11] < self.p_solarize,
+            "threshold": u[:, 12] if self.variant == "authors" else torch.full_like(u[:, 12], 0.5),
         }
 
     # ------------------------------------------------------------------ the steps (kornia functional ops)
@@ -158,30 +171,40 @@ class BatchedPhotometric(nn.Module):
         return E.adjust_hue(x, f * (2 * math.pi)).clamp(0.0, 1.0)
 
     def apply(self, x: Tensor, params: Dict[str, Tensor]) -> Tensor:
-        """Applies drawn parameters to ``x`` (B, 3, H, W) in ``[0, 1]``; every sample keeps its own choices."""
+        """Applies drawn parameters (:meth:`sample`) to ``x`` (B, 3, H, W) in ``[0, 1]``, per image."""
         from kornia.color import rgb_to_grayscale
         from kornia.enhance import solarize
         from kornia.filters import filter2d_separable, get_gaussian_kernel1d
 
         p = {k: _nb(v, x) for k, v in params.items()}
-        x = x.clamp(0.0, 1.0)
-        # colour jitter: stage s applies, per sample, the step order[:, s]
+        n = x.shape[0]
+        m = p["order"].shape[0]
+        q = m // 4
+        # image j sits in slot p["slot"][j]; empty slots hold image 0
+        src = torch.zeros(m, dtype=torch.long, device=x.device).scatter(0, p["slot"], torch.arange(n, device=x.device))
+        x = x.clamp(0.0, 1.0).index_select(0, src)
+        f = p["factors"]
+        # colour jitter: at stage s, slot i applies step order[i, s]; the hue step only on the slots of stage s
         y = x
         for s in range(4):
             step = p["order"][:, s]
             out = y
-            for k in range(4):
-                out = _sel(step == k, self._step(k, y, p["factors"][:, k]), out)
+            for k in range(3):
+                if k == 2 and self.variant == "authors":  # HSV saturation at factor 1 is identity only to ~1e-8
+                    out = _sel(step == k, self._step(k, out, f[:, k]), out)
+                else:  # the neutral factor (1) is an exact identity on [0, 1] images: no per-image select
+                    out = self._step(k, out, torch.where(step == k, f[:, k], torch.ones_like(f[:, k])))
+            a, b = s * q, (s + 1) * q
+            out = torch.cat([out[:a], self._step(3, y[a:b], f[a:b, 3]), out[b:]])
             y = out
         x = _sel(p["jitter"], y, x)
         x = _sel(p["gray"], rgb_to_grayscale(x).expand_as(x), x)
         ks = self.kernel_size or blur_kernel_size(self.variant, min(x.shape[-2:]))
-        sig = p["sigma"].view(-1, 1)
-        kern = get_gaussian_kernel1d(ks, sig)
+        kern = get_gaussian_kernel1d(ks, p["sigma"].view(-1, 1))
         x = _sel(p["blur"], filter2d_separable(x, kern, kern, "reflect"), x)
         if self.p_solarize > 0:
             x = _sel(p["solarize"], solarize(x, p["threshold"]), x)
-        return x
+        return x.index_select(0, p["slot"])
 
     def forward(self, x: Tensor, generator: Optional[torch.Generator] = None, params: Optional[Dict[str, Tensor]] = None) -> Tensor:
         """Augments a batch ``(B, C, H, W)`` in ``[0, 1]``, ``C`` in ``{1, 3}``.

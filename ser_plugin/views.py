@@ -80,12 +80,6 @@ def _scale_sizes(
     return out
 
 
-def _sample_scale_size(
-    h: int, w: int, patch: int, area: Tuple[float, float], ratio: Tuple[float, float], generator: Optional[torch.Generator]
-) -> Tuple[int, int]:
-    return _scale_sizes(h, w, patch, area, ratio, generator, 1)[0]
-
-
 def _scale_rows(size: Tuple[int, int], h: int, w: int, n: int, device: torch.device) -> Tensor:
     """``(n, 2)`` float64 ``(sy, sx)`` rows on ``device``, filled there (no host-to-device copy)."""
     out = torch.empty(n, 2, dtype=torch.float64, device=device)
