@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -103,8 +104,8 @@ class _RangeGuard:
     """Checks the images reaching the photometrics without a host sync.
 
     Two checks: the ``[0, 1]`` images ``u`` the built-in photometrics get are in ``[0, 1]`` (else they would be
-    clamped), and, when mean/std were given, the normalised input ``x`` has some value below the mean (a
-    batch with none is almost surely a ``[0, 1]`` batch given by mistake). CPU tensors are checked at once
+    clamped: refused), and, when mean/std were given, whether the input ``x`` has a value below the mean (a
+    batch with none is taken as ``[0, 1]`` images, the former convention: a ``FutureWarning``, once). CPU tensors are checked at once
     (``torch._assert_async``: a CPU read, free). On CUDA the batch's extremes go to pinned host memory with a
     non-blocking copy and an event; the check runs when the event has completed, at a later call (or
     :meth:`EquivariantViews.check_pending`), and raises there: a bad batch is refused a step late instead of
@@ -115,6 +116,7 @@ class _RangeGuard:
 
     def __init__(self) -> None:
         self.pending: List[Tuple[Any, ...]] = []
+        self.warned = False
 
     def __call__(self, u: Optional[Tensor], x: Optional[Tensor]) -> None:
         """``u``: ``[0, 1]`` images for the built-in photometrics (or None); ``x``: the normalised input (or None)."""
@@ -138,7 +140,9 @@ class _RangeGuard:
         if ref.device.type != "cpu":  # other devices: read now (one sync)
             self._raise_if_bad(ext.cpu(), *meta, late=False)
             return
-        ok = (ext[0] >= -self.TOL) & (ext[1] <= 1 + self.TOL) & (ext[2] < 0)
+        ok = (ext[0] >= -self.TOL) & (ext[1] <= 1 + self.TOL)
+        if not self.warned:
+            ok = ok & (ext[2] < 0)
         try:
             torch._assert_async(ok, "views: input out of range")
         except RuntimeError:
@@ -158,13 +162,16 @@ class _RangeGuard:
     def _raise_if_bad(self, ext: Tensor, shape: Tuple[int, ...], normalised: bool, late: bool) -> None:
         lo, hi, xmin = ext.tolist()
         when = " (found asynchronously: a batch given to an earlier call)" if late else ""
-        if normalised and not xmin < 0:
-            self.pending = []
-            raise SERError(
-                f"views were given mean/std, so the input is taken as normalised ((x - mean) / std), but no value of "
-                f"the batch {shape} is below the mean (min {xmin:.3g} >= 0){when}: these look like [0, 1] images. "
-                "Pass normalised images, or drop mean=/std= (views of [0, 1] images then come out in [0, 1]; "
-                "normalise them yourself)."
+        if normalised and not xmin < 0 and not self.warned:
+            self.warned = True
+            warnings.warn(
+                f"views were given mean/std and a batch {shape} with no value below the mean (min {xmin:.3g} >= 0){when}: "
+                "it was taken as [0, 1] images and only the views were normalised (the convention before mean/std "
+                "meant a normalised input). Pass normalised images ((x - mean) / std: the views de-normalise, augment "
+                "and normalise again), or drop mean=/std= and normalise the views yourself; this fallback will become "
+                "an error.",
+                FutureWarning,
+                stacklevel=4,
             )
         if not (lo >= -self.TOL and hi <= 1 + self.TOL):
             self.pending = []
@@ -353,8 +360,13 @@ class EquivariantViews(nn.Module):
         if self.mean is not None:
             mean = self.mean.to(x.device, x.dtype, non_blocking=True)
             std = self.std.to(x.device, x.dtype, non_blocking=True)
-        u = x * std + mean if mean is not None else x
-        self._guard(u if self.builtin_photometric else None, x if mean is not None and self.p1 is not None else None)
+        u = x
+        if mean is not None:
+            # normalised input (the convention), or, for a batch without a value below the mean, [0, 1] images
+            # (the former convention, warned about): a device-side choice, no host read
+            legacy = x.detach().amin() >= 0
+            u = torch.where(legacy, x, x * std + mean)
+        self._guard(u if self.builtin_photometric else None, x if mean is not None else None)
         if self.p1 is None:
             v1 = v2 = u
         elif self.builtin_photometric:

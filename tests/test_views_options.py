@@ -166,12 +166,18 @@ def test_mean_std_means_normalised_input_and_normalised_views():
         assert norm.g1.equals(plain.g1) and norm.g2.equals(plain.g2)
 
 
-def test_mean_std_with_unnormalised_images_is_refused():
+def test_mean_std_with_unnormalised_images_falls_back_with_a_warning():
+    """A batch with no value below the mean is taken as [0, 1] images (the former convention: only the views are
+    normalised), with a FutureWarning; statistics that de-normalise out of [0, 1] are refused."""
+    m, s = torch.tensor(IMNET_MEAN).view(1, 3, 1, 1), torch.tensor(IMNET_STD).view(1, 3, 1, 1)
+    x = torch.rand(4, 3, 8, 8)
     views = EquivariantViews(patch_size=4, mean=IMNET_MEAN, std=IMNET_STD)
-    with pytest.raises(SERError, match=r"look like \[0, 1\] images"):
-        views(torch.rand(4, 3, 8, 8))
+    with pytest.warns(FutureWarning, match=r"taken as \[0, 1\] images"):
+        legacy = views(x, generator=torch.Generator().manual_seed(2))
+    plain = EquivariantViews(patch_size=4)(x, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(legacy.x1, (plain.x1 - m) / s, atol=1e-5)
     with pytest.raises(SERError, match="de-normalised with the given mean/std"):
-        views(torch.randn(4, 3, 8, 8) * 10)  # wrong statistics (e.g. 0-255 normalised with 0-1 stats)
+        views(torch.randn(4, 3, 8, 8) * 10)  # wrong statistics (e.g. 0-255 values normalised with 0-1 stats)
 
 
 class _FakeEvent:
