@@ -130,8 +130,8 @@ class BatchedPhotometric(nn.Module):
         m = 4 * q
         u = torch.rand(m, 13, generator=generator, device=dev, dtype=torch.float32)
         slot = torch.randperm(m, generator=generator, device=dev)[:n]
-        lo = torch.tensor([1 - _BRIGHTNESS, 1 - _CONTRAST, 1 - _SATURATION, -_HUE], device=dev)
-        hi = torch.tensor([1 + _BRIGHTNESS, 1 + _CONTRAST, 1 + _SATURATION, _HUE], device=dev)
+        lo = (1 - _BRIGHTNESS, 1 - _CONTRAST, 1 - _SATURATION, -_HUE)
+        hi = (1 + _BRIGHTNESS, 1 + _CONTRAST, 1 + _SATURATION, _HUE)
         hue_at = torch.arange(m, device=dev) // q  # (m,) stage of the hue step, static per slot
         rest = u[:, 1:4].argsort(dim=1)  # (m, 3) random order of brightness, contrast, saturation
         stage = torch.arange(4, device=dev).view(1, 4)
@@ -141,7 +141,7 @@ class BatchedPhotometric(nn.Module):
             "slot": slot,
             "jitter": u[:, 0] < _P_JITTER,
             "order": order,
-            "factors": lo + (hi - lo) * u[:, 4:8],
+            "factors": torch.stack([lo[i] + (hi[i] - lo[i]) * u[:, 4 + i] for i in range(4)], 1),
             "gray": u[:, 8] < _P_GRAY,
             "blur": u[:, 9] < self.p_blur,
             "sigma": _SIGMA[0] + (_SIGMA[1] - _SIGMA[0]) * u[:, 10],

@@ -300,7 +300,7 @@ class EquivariantViews(nn.Module):
         if self.pairing == "no_identity":
             g1 = GroupElement.random(n, self.rotations, self.flips, generator=gen)
             table = [(k, f) for (k, f) in D4_ELEMENTS if (k, f) != (0, 0) and (self.rotations or k == 0) and (self.flips or f == 0)]
-            t = torch.tensor(table, dtype=torch.long, device=dev)
+            t = torch.tensor(table, dtype=torch.long).to(dev, non_blocking=True)  # no blocking host-to-device copy
             pick = t[torch.randint(0, len(table), (n,), generator=gen, device=dev)]
             rel = GroupElement(pick[:, 0], pick[:, 1].bool(), torch.ones(n, 2, dtype=torch.float64, device=dev))
             return g1, rel.compose(g1)
