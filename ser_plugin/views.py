@@ -19,7 +19,7 @@ from .errors import SERError
 from .group import D4_ELEMENTS, GroupElement, act_image
 from .photometric import VARIANTS, BatchedPhotometric, blur_kernel_size
 
-__all__ = ["ViewPair", "EquivariantViews", "ViewTransform", "mocov3_photometric", "collate_views", "rescale_pair"]
+__all__ = ["ViewPair", "EquivariantViews", "ViewTransform", "mocov3_photometric", "collate_views", "rescale_pair", "pair_elements"]
 
 Photometric = Optional[Callable[[Tensor], Tensor]]
 
@@ -171,7 +171,7 @@ class _RangeGuard:
                 "and normalise again), or drop mean=/std= and normalise the views yourself; this fallback will become "
                 "an error.",
                 FutureWarning,
-                stacklevel=4,
+                stacklevel=6,
             )
         if not (lo >= -self.TOL and hi <= 1 + self.TOL):
             self.pending = []
@@ -188,6 +188,66 @@ class _RangeGuard:
                 "ImageNet mean/std), pass mean=/std= (the views then de-normalise, augment and re-normalise); if "
                 "these are 0-255 values, divide by 255; or pass photometric=None."
             )
+
+
+def pair_elements(
+    pairing: str, n: int, rotations: bool = True, flips: bool = True, gen: Optional[torch.Generator] = None
+) -> Tuple[GroupElement, GroupElement]:
+    """Per-sample D4 parts of the two views' elements under a pairing, drawn on the generator's device.
+
+    Args:
+        pairing: ``"independent"``, ``"no_identity"`` or ``"authors"`` (see :class:`EquivariantViews`).
+        n: batch size.
+        rotations, flips: the allowed parts of D4 (``"authors"`` needs both).
+        gen: random source (default: the global CPU generator).
+
+    Returns:
+        ``(g1, g2)``, ``n`` elements each, on ``gen``'s device (the CPU by default), scale ones.
+    """
+    if pairing not in PAIRINGS:
+        raise SERError(f"pairing must be one of {PAIRINGS}, got {pairing!r}.")
+    dev = gen.device if gen is not None else torch.device("cpu")
+    if pairing == "independent":
+        return (GroupElement.random(n, rotations, flips, generator=gen),
+                GroupElement.random(n, rotations, flips, generator=gen))
+    if pairing == "no_identity":
+        g1 = GroupElement.random(n, rotations, flips, generator=gen)
+        table = [(k, f) for (k, f) in D4_ELEMENTS if (k, f) != (0, 0) and (rotations or k == 0) and (flips or f == 0)]
+        t = torch.tensor(table, dtype=torch.long).to(dev, non_blocking=True)  # no blocking host-to-device copy
+        pick = t[torch.randint(0, len(table), (n,), generator=gen, device=dev)]
+        rel = GroupElement(pick[:, 0], pick[:, 1].bool(), torch.ones(n, 2, dtype=torch.float64, device=dev))
+        return g1, rel.compose(g1)
+    # authors: complementary 180° turn and flip per sample, one quarter-turn count per view for the batch
+    bits = torch.randint(0, 2, (2, n), generator=gen, device=dev)
+    turns = torch.randint(0, 4, (2, 1), generator=gen, device=dev)
+    ones = torch.ones(n, 2, dtype=torch.float64, device=dev)
+    g1 = GroupElement((turns[0] + 2 * bits[0]) % 4, bits[1].bool(), ones)
+    g2 = GroupElement((turns[1] + 2 * (1 - bits[0])) % 4, ~bits[1].bool(), ones.clone())
+    return g1, g2
+
+
+def _check_batch(self: EquivariantViews, x: Tensor) -> None:
+    """Refuses a batch the policy cannot use (SERError naming the fix)."""
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        raise SERError(f"views expect an image batch (n, C, H, W), got {tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}.")
+    n, c, h, w = x.shape
+    if n == 0:
+        raise SERError("views got an empty batch (n=0); b2 needs at least 2 images for the loss to have negatives.")
+    if not x.is_floating_point():
+        raise SERError(f"views expect float images in [0, 1], got dtype {x.dtype} (shape {tuple(x.shape)}); convert first, e.g. x.float() / 255.")
+    if c == 0 or h == 0 or w == 0:
+        raise SERError(f"views got an empty image batch {tuple(x.shape)}; channels, height and width must be positive.")
+    if self.builtin_photometric and c not in (1, 3):
+        raise SERError(f"photometric={self._photometric_spec!r} needs 1 or 3 channels, got {tuple(x.shape)}; pass photometric=None or your own (p1, p2) pair.")
+    if self.mean is not None and self.mean.shape[1] not in (1, c):
+        raise SERError(f"mean/std have {self.mean.shape[1]} entries but the images have {c} channels ({tuple(x.shape)}).")
+    if h % self.patch_size or w % self.patch_size:
+        raise SERError(f"image size ({h}, {w}) is not a multiple of patch_size={self.patch_size}; resize or crop first.")
+    if h != w and self.rotations:
+        raise SERError(
+            f"quarter turns of non-square images ({h}x{w}) give views of different shapes; "
+            "use square images or EquivariantViews(rotations=False)."
+        )
 
 
 class EquivariantViews(nn.Module):
@@ -290,51 +350,7 @@ class EquivariantViews(nn.Module):
     def builtin_photometric(self) -> bool:
         return isinstance(self._photometric_spec, str)
 
-    # ------------------------------------------------------------------ elements
-    def _pair_elements(self, n: int, gen: Optional[torch.Generator]) -> Tuple[GroupElement, GroupElement]:
-        """Per-sample D4 parts of the two views, drawn on the generator's device (CPU by default)."""
-        dev = gen.device if gen is not None else torch.device("cpu")
-        if self.pairing == "independent":
-            return (GroupElement.random(n, self.rotations, self.flips, generator=gen),
-                    GroupElement.random(n, self.rotations, self.flips, generator=gen))
-        if self.pairing == "no_identity":
-            g1 = GroupElement.random(n, self.rotations, self.flips, generator=gen)
-            table = [(k, f) for (k, f) in D4_ELEMENTS if (k, f) != (0, 0) and (self.rotations or k == 0) and (self.flips or f == 0)]
-            t = torch.tensor(table, dtype=torch.long).to(dev, non_blocking=True)  # no blocking host-to-device copy
-            pick = t[torch.randint(0, len(table), (n,), generator=gen, device=dev)]
-            rel = GroupElement(pick[:, 0], pick[:, 1].bool(), torch.ones(n, 2, dtype=torch.float64, device=dev))
-            return g1, rel.compose(g1)
-        # authors: complementary 180° turn and flip per sample, one quarter-turn count per view for the batch
-        bits = torch.randint(0, 2, (2, n), generator=gen, device=dev)
-        turns = torch.randint(0, 4, (2, 1), generator=gen, device=dev)
-        ones = torch.ones(n, 2, dtype=torch.float64, device=dev)
-        g1 = GroupElement((turns[0] + 2 * bits[0]) % 4, bits[1].bool(), ones)
-        g2 = GroupElement((turns[1] + 2 * (1 - bits[0])) % 4, ~bits[1].bool(), ones.clone())
-        return g1, g2
-
     # ------------------------------------------------------------------ forward
-    def _check(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor) or x.dim() != 4:
-            raise SERError(f"views expect an image batch (n, C, H, W), got {tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}.")
-        n, c, h, w = x.shape
-        if n == 0:
-            raise SERError("views got an empty batch (n=0); b2 needs at least 2 images for the loss to have negatives.")
-        if not x.is_floating_point():
-            raise SERError(f"views expect float images in [0, 1], got dtype {x.dtype} (shape {tuple(x.shape)}); convert first, e.g. x.float() / 255.")
-        if c == 0 or h == 0 or w == 0:
-            raise SERError(f"views got an empty image batch {tuple(x.shape)}; channels, height and width must be positive.")
-        if self.builtin_photometric and c not in (1, 3):
-            raise SERError(f"photometric={self._photometric_spec!r} needs 1 or 3 channels, got {tuple(x.shape)}; pass photometric=None or your own (p1, p2) pair.")
-        if self.mean is not None and self.mean.shape[1] not in (1, c):
-            raise SERError(f"mean/std have {self.mean.shape[1]} entries but the images have {c} channels ({tuple(x.shape)}).")
-        if h % self.patch_size or w % self.patch_size:
-            raise SERError(f"image size ({h}, {w}) is not a multiple of patch_size={self.patch_size}; resize or crop first.")
-        if h != w and self.rotations:
-            raise SERError(
-                f"quarter turns of non-square images ({h}x{w}) give views of different shapes; "
-                "use square images or EquivariantViews(rotations=False)."
-            )
-
     def forward(self, x: Tensor, generator: Optional[torch.Generator] = None) -> ViewPair:
         """Two views of ``x`` and their elements.
 
@@ -354,7 +370,7 @@ class EquivariantViews(nn.Module):
                 channel count for the built-in photometrics, or values outside ``[0, 1]`` reaching them
                 (on CUDA reported at a later call, without a per-step sync).
         """
-        self._check(x)
+        _check_batch(self, x)
         n, c, h, w = x.shape
         mean = std = None
         if self.mean is not None:
@@ -373,7 +389,7 @@ class EquivariantViews(nn.Module):
             v1, v2 = self.p1(u, generator=generator), self.p2(u, generator=generator)
         else:
             v1, v2 = self.p1(u), self.p2(u)
-        g1, g2 = self._pair_elements(n, generator)
+        g1, g2 = pair_elements(self.pairing, n, self.rotations, self.flips, generator)
         s1 = s2 = (h, w)
         if self.scale is not None:
             s1, s2 = _scale_sizes(h, w, self.patch_size, self.scale, self.ratio, _host_generator(generator), 2)
