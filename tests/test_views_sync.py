@@ -107,3 +107,12 @@ def test_mixed_parity_non_square_matches_per_sample_rot90():
             ref = torch.rot90(t[i : i + 1].flip(-1) if f else t[i : i + 1], k, (-2, -1))
             ref = torch.nn.functional.interpolate(ref, size=size, mode="bilinear", align_corners=False)
             assert torch.allclose(got[i : i + 1], ref, atol=1e-6), (size, i, k, f)
+
+
+def test_parity_hint_gives_the_same_result_with_one_branch():
+    t = torch.rand(6, 2, 3, 5)
+    even = GroupElement.from_d4([0, 2, 2, 0, 2, 0], [0, 1, 0, 1, 1, 0])
+    odd = GroupElement.from_d4([1, 3, 1, 3, 3, 1], [0, 1, 0, 1, 1, 0])
+    for g, par, size in ((even, False, (6, 10)), (odd, True, (10, 6))):
+        assert torch.allclose(rho(t, g, size=size, parity=par), rho(t, g, size=size), atol=1e-6)
+        assert torch.equal(rho(t, g, parity=par, mode="nearest"), rho(t, g, mode="nearest"))
