@@ -119,7 +119,15 @@ def main(argv: Any = None) -> None:
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: stable on a shared machine)")
     args = ap.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     counts = count(args.batch, args.size)
     table = format_counts({k: v for k, v in counts.items() if not isinstance(v, str)})
