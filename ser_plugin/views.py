@@ -43,6 +43,7 @@ class ViewPair(NamedTuple):
         return self.g2.compose(self.g1.inverse())
 
     def to(self, device: Union[str, torch.device], non_blocking: bool = False) -> ViewPair:
+        """The views and elements on ``device`` (elements need not move: the actions move what they need)."""
         return ViewPair(self.x1.to(device, non_blocking=non_blocking), self.x2.to(device, non_blocking=non_blocking), self.g1.to(device), self.g2.to(device))
 
 
@@ -105,8 +106,8 @@ class _RangeGuard:
 
     Two checks: the ``[0, 1]`` images ``u`` the built-in photometrics get are in ``[0, 1]`` (else they would be
     clamped: refused), and, when mean/std were given, whether the input ``x`` has a value below the mean (a
-    batch with none is taken as ``[0, 1]`` images, the former convention: a ``FutureWarning``, once). CPU tensors are checked at once
-    (``torch._assert_async``: a CPU read, free). On CUDA the batch's extremes go to pinned host memory with a
+    batch with none is taken as ``[0, 1]`` images, the former convention: a ``FutureWarning``, once). CPU
+    tensors are checked at once (``torch._assert_async``: a CPU read, free). On CUDA the batch's extremes go to pinned host memory with a
     non-blocking copy and an event; the check runs when the event has completed, at a later call (or
     :meth:`EquivariantViews.check_pending`), and raises there: a bad batch is refused a step late instead of
     stalling every step.
