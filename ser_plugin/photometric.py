@@ -221,9 +221,34 @@ class BatchedPhotometric(nn.Module):
             raise SERError(f"photometric={self.variant!r} needs (B, 1 or 3, H, W) images, got {tuple(x.shape)}; pass photometric=None or your own (p1, p2) pair.")
         if params is None:
             params = self.sample(x.shape[0], generator)
+        # one image on the CPU (a data-loader worker): reading its parameters is free, so apply only the steps it
+        # gets instead of the batched selects over padded slots (same draws, same result)
+        fn = self._apply_one if x.shape[0] == 1 and x.device.type == "cpu" and params["slot"].device.type == "cpu" else self.apply
         if x.shape[1] == 1:
-            return self.apply(x.expand(-1, 3, -1, -1), params).mean(1, keepdim=True)
-        return self.apply(x, params)
+            return fn(x.expand(-1, 3, -1, -1), params).mean(1, keepdim=True)
+        return fn(x, params)
+
+    def _apply_one(self, x: Tensor, params: Dict[str, Tensor]) -> Tensor:
+        """:meth:`apply` for one CPU image, reading its parameters on the host (no device involved)."""
+        from kornia.color import rgb_to_grayscale
+        from kornia.enhance import solarize
+        from kornia.filters import filter2d_separable, get_gaussian_kernel1d
+
+        i = int(params["slot"][0])
+        p = {k: v[i : i + 1] for k, v in params.items() if k != "slot"}
+        x = x.clamp(0.0, 1.0)
+        if bool(p["jitter"]):
+            for k in p["order"][0].tolist():
+                x = self._step(k, x, p["factors"][:, k].to(x.dtype))
+        if bool(p["gray"]):
+            x = rgb_to_grayscale(x).expand_as(x)
+        if bool(p["blur"]):
+            ks = self.kernel_size or blur_kernel_size(self.variant, min(x.shape[-2:]))
+            kern = get_gaussian_kernel1d(ks, p["sigma"].view(-1, 1).to(x.dtype))
+            x = filter2d_separable(x, kern, kern, "reflect")
+        if self.p_solarize > 0 and bool(p["solarize"]):
+            x = solarize(x, p["threshold"].to(x.dtype))
+        return x
 
     def extra_repr(self) -> str:
         return f"variant={self.variant!r}, second={self.second}, kernel_size={self.kernel_size}"

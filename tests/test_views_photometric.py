@@ -170,3 +170,13 @@ def test_order_is_uniform_per_image():
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     assert chi2 < 49.7, chi2  # chi-square, 23 dof, p = 0.001
     assert math.isclose(float(counts.sum()), 900.0)
+
+
+@pytest.mark.parametrize("variant,second", [("mocov3", False), ("mocov3", True), ("authors", True)])
+def test_one_image_cpu_path_equals_the_batched_path(variant, second):
+    """A single CPU image (ViewTransform in a loader) skips the batched selects; same draws, same output."""
+    p = BatchedPhotometric(variant, second)
+    for seed in range(40):
+        x = smooth_images(1, 16, seed)
+        params = p.sample(1, torch.Generator().manual_seed(seed))
+        assert torch.allclose(p(x, params=params), p.apply(x, params), atol=1e-5), seed
