@@ -99,6 +99,9 @@ def timing(batch: int, size: int, repeats: int) -> Dict[str, Any]:
         "kornia modules": lambda: [m(x) for m in old],
         "batched": lambda: [m(x, generator=g) for m in new],
     }
+    one = x[:1]
+    fns["kornia modules, one image"] = lambda: [m(one) for m in old]
+    fns["batched, one image"] = lambda: [m(one, generator=g) for m in new]
     cpu: Dict[str, List[float]] = {}
     with torch.no_grad():
         wall = common.alternate_timing(fns, repeats=repeats, warmup=1, cpu_times=cpu)
@@ -107,6 +110,7 @@ def timing(batch: int, size: int, repeats: int) -> Dict[str, Any]:
         "cpu_median_s": {k: common.median(v) for k, v in cpu.items()},
         "ratio_wall": common.ratio_of_medians_and_paired(wall, "kornia modules", "batched"),
         "ratio_cpu": common.ratio_of_medians_and_paired(cpu, "kornia modules", "batched"),
+        "ratio_cpu_one_image": common.ratio_of_medians_and_paired(cpu, "kornia modules, one image", "batched, one image"),
     }
 
 
@@ -145,7 +149,9 @@ def run(args: argparse.Namespace) -> None:
         line = (f"Both views' default photometrics, {args.repeats} alternating rounds, {args.threads} thread(s): kornia modules "
                 f"{t['cpu_median_s']['kornia modules'] * 1e3:.1f} ms CPU, batched {t['cpu_median_s']['batched'] * 1e3:.1f} ms CPU; "
                 f"batched / kornia = {t['ratio_cpu']['ratio_of_medians']:.3f} (CPU time, ratio of medians), "
-                f"{t['ratio_cpu']['median_paired_ratio']:.3f} (median paired), wall {t['ratio_wall']['ratio_of_medians']:.3f}.")
+                f"{t['ratio_cpu']['median_paired_ratio']:.3f} (median paired), wall {t['ratio_wall']['ratio_of_medians']:.3f}. "
+                f"One image (a loader's ViewTransform): kornia {t['cpu_median_s']['kornia modules, one image'] * 1e3:.2f} ms, "
+                f"batched {t['cpu_median_s']['batched, one image'] * 1e3:.2f} ms CPU, ratio {t['ratio_cpu_one_image']['ratio_of_medians']:.3f}.")
         print(line)
         md += "\n" + line + "\n"
     if not args.no_save:
