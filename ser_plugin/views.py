@@ -424,8 +424,22 @@ class ViewTransform:
     apply it on the device with :func:`rescale_pair` if wanted.
     """
 
-    def __init__(self, rotations: bool = True, flips: bool = True, photometric: Union[str, None, Tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]] = "mocov3") -> None:
-        self._views = EquivariantViews(patch_size=1, rotations=rotations, flips=flips, photometric=photometric)
+    def __init__(
+        self,
+        rotations: bool = True,
+        flips: bool = True,
+        photometric: Union[str, None, Tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]] = "mocov3",
+        pairing: str = "independent",
+    ) -> None:
+        """Args: as :class:`EquivariantViews`; ``pairing`` ``"independent"`` or ``"no_identity"`` (``"authors"``
+        shares quarter turns across a batch, which one image in a loader cannot: use :class:`EquivariantViews`).
+
+        Raises:
+            SERError: ``pairing="authors"`` or an invalid option.
+        """
+        if pairing == "authors":
+            raise SERError("ViewTransform draws one image at a time; pairing='authors' shares quarter turns across the batch: make the views on the device with EquivariantViews(pairing='authors').")
+        self._views = EquivariantViews(patch_size=1, rotations=rotations, flips=flips, photometric=photometric, pairing=pairing)
 
     def __call__(self, image: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         if not isinstance(image, Tensor) or image.dim() != 3:

@@ -256,3 +256,15 @@ def test_cuda_generator_reproduces_and_cpu_generator_gives_cpu_elements():
     assert torch.equal(a.x1, b.x1) and a.x1.shape == b.x1.shape and a.g1.device.type == "cuda"
     c = views(x, generator=torch.Generator().manual_seed(1))
     assert c.g1.device.type == "cpu" and c.x1.device.type == "cuda"
+
+
+def test_view_transform_no_identity_pairing_and_authors_refused():
+    from ser_plugin import ViewTransform, collate_views
+
+    tf = ViewTransform(photometric=None, pairing="no_identity")
+    torch.manual_seed(0)
+    pair = collate_views([tf(i) for i in torch.rand(64, 1, 4, 4)])
+    assert (0, 0) not in d4_pairs(pair.relative)
+    assert torch.equal(rho(pair.x1, pair.relative), pair.x2)
+    with pytest.raises(SERError, match="pairing='authors'"):
+        ViewTransform(pairing="authors")
