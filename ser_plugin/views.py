@@ -119,6 +119,15 @@ class _RangeGuard:
         self.pending: List[Tuple[Any, ...]] = []
         self.warned = False
 
+    def __getstate__(self) -> dict:
+        # copies and pickles (EMA / SWA copies, torch.save) start clean: pending checks hold CUDA events
+        return {"pending": [], "warned": self.warned}
+
+    def __deepcopy__(self, memo: dict) -> _RangeGuard:
+        new = _RangeGuard()
+        new.warned = self.warned
+        return new
+
     def __call__(self, u: Optional[Tensor], x: Optional[Tensor]) -> None:
         """``u``: ``[0, 1]`` images for the built-in photometrics (or None); ``x``: the normalised input (or None)."""
         self.poll()

@@ -268,3 +268,14 @@ def test_view_transform_no_identity_pairing_and_authors_refused():
     assert torch.equal(rho(pair.x1, pair.relative), pair.x2)
     with pytest.raises(SERError, match="pairing='authors'"):
         ViewTransform(pairing="authors")
+
+
+def test_views_with_pending_checks_deepcopy_and_pickle():
+    import copy
+    import pickle
+
+    views = EquivariantViews(patch_size=4)
+    views._guard.pending.append((torch.zeros(3), lambda: None, (1, 3, 4, 4), False))  # an unpicklable "event"
+    for clone in (copy.deepcopy(views), pickle.loads(pickle.dumps(views))):
+        assert clone._guard.pending == []
+        assert clone(torch.rand(2, 3, 8, 8)).x1.shape == (2, 3, 8, 8)
