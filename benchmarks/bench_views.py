@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List
@@ -135,14 +136,15 @@ def run(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     counts = count(args.batch, args.size)
     table = format_counts({k: v for k, v in counts.items() if not isinstance(v, str)})
-    print(f"ser_plugin from {ser_plugin.__file__}")
+    where = os.path.relpath(os.path.dirname(ser_plugin.__file__), common.ROOT)
+    print(f"ser_plugin from {where}")
     print(table)
     for k, v in counts.items():
         if isinstance(v, str):
             print(f"{k}: {v}")
     data: Dict[str, Any] = {"batch": args.batch, "size": args.size, "threads": args.threads,
                             "syncs": {k: (v if isinstance(v, str) else {"total": v.total, "by_op": v.by_op}) for k, v in counts.items()}}
-    md = f"Host syncs of one views call, batch {args.batch} x 3 x {args.size} x {args.size} (ser_plugin at {ser_plugin.__file__}):\n\n{table}\n"
+    md = f"Host syncs of one views call, batch {args.batch} x 3 x {args.size} x {args.size} (ser_plugin at {where}):\n\n{table}\n"
     if not args.counts_only:
         t = timing(args.batch, args.size, args.repeats)
         data["timing"] = t
