@@ -210,6 +210,14 @@ class GroupElement:
 
 
 # ---------------------------------------------------------------------- the grid transform
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device`` without a stream sync: host-to-device copies are non-blocking; copies toward the
+    host stay blocking (a non-blocking one could be read before it lands)."""
+    if t.device == device:
+        return t
+    return t.to(device, non_blocking=torch.device(device).type != "cpu")
+
+
 def _d4_gather_index(h: int, w: int, ho: int, wo: int, rot: Tensor, flip: Tensor) -> Tensor:
     """Flat source index of every output cell, per sample: ``y.flatten()[b, t] = x.flatten()[b, idx[b, t]]``.
 
@@ -328,8 +336,7 @@ def transform_grid(
     size = (int(size[0]), int(size[1]))
     if size[0] < 1 or size[1] < 1:
         raise SERError(f"output size {size} is empty; scale factors too small for a ({h}, {w}) grid.")
-    rot = g.rot.to(x.device, non_blocking=True) if g.rot.device != x.device else g.rot
-    flip = g.flip.to(x.device, non_blocking=True) if g.flip.device != x.device else g.flip
+    rot, flip = to_device(g.rot, x.device), to_device(g.flip, x.device)
     if h == w:
         # a square grid keeps its shape under every D4 element: permute exactly, then resample
         # (g·x = scale(rot(flip(x))): the scale acts last)

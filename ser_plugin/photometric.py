@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import SERError
+from .group import to_device
 
 __all__ = ["BatchedPhotometric", "VARIANTS", "blur_kernel_size"]
 
@@ -61,8 +62,7 @@ def blur_kernel_size(variant: str, image_size: int) -> int:
 
 def _nb(t: Tensor, like: Tensor) -> Tensor:
     """``t`` on ``like``'s device and dtype; a host-to-device copy is non-blocking (no stream sync)."""
-    if t.device != like.device:
-        t = t.to(like.device, non_blocking=True)
+    t = to_device(t, like.device)
     return t.to(like.dtype) if t.is_floating_point() and t.dtype != like.dtype else t
 
 

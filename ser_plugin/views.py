@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import SERError
-from .group import D4_ELEMENTS, GroupElement, act_image
+from .group import D4_ELEMENTS, GroupElement, act_image, to_device
 from .photometric import VARIANTS, BatchedPhotometric, blur_kernel_size
 
 __all__ = ["ViewPair", "EquivariantViews", "ViewTransform", "mocov3_photometric", "collate_views", "rescale_pair", "pair_elements"]
@@ -384,8 +384,8 @@ class EquivariantViews(nn.Module):
         n, c, h, w = x.shape
         mean = std = None
         if self.mean is not None:
-            mean = self.mean.to(x.device, x.dtype, non_blocking=True)
-            std = self.std.to(x.device, x.dtype, non_blocking=True)
+            mean = to_device(self.mean, x.device).to(x.dtype)
+            std = to_device(self.std, x.device).to(x.dtype)
         u = x
         if mean is not None:
             # normalised input (the convention), or, for a batch without a value below the mean, [0, 1] images
