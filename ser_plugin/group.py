@@ -128,7 +128,8 @@ class GroupElement:
         gdev = generator.device if generator is not None else device
         rot = torch.randint(0, 4, (n,), generator=generator, device=gdev) if rotations else torch.zeros(n, dtype=torch.long, device=gdev)
         flip = torch.randint(0, 2, (n,), generator=generator, device=gdev).bool() if flips else torch.zeros(n, dtype=torch.bool, device=gdev)
-        return GroupElement.from_d4(rot.to(device) if device is not None else rot, flip.to(device) if device is not None else flip)
+        g = GroupElement(rot, flip, torch.ones(n, 2, dtype=torch.float64, device=gdev))
+        return g._moved(device) if device is not None else g
 
     # ------------------------------------------------------------------ algebra
     def __len__(self) -> int:
@@ -138,8 +139,20 @@ class GroupElement:
     def device(self) -> torch.device:
         return self.rot.device
 
-    def to(self, device: Union[str, torch.device]) -> GroupElement:
-        return GroupElement(self.rot.to(device), self.flip.to(device), self.scale.to(device))
+    def to(self, device: Union[str, torch.device], non_blocking: bool = False) -> GroupElement:
+        """The elements on ``device``; ``non_blocking=True`` avoids the stream sync of a host-to-device copy."""
+        return GroupElement(
+            self.rot.to(device, non_blocking=non_blocking),
+            self.flip.to(device, non_blocking=non_blocking),
+            self.scale.to(device, non_blocking=non_blocking),
+        )
+
+    def _moved(self, device: Union[str, torch.device]) -> GroupElement:
+        """``to(device)`` without a stream sync: non-blocking host-to-device, blocking toward the host (safe to read)."""
+        device = torch.device(device)
+        if device == self.rot.device:
+            return self
+        return self.to(device, non_blocking=device.type != "cpu")
 
     def __getitem__(self, idx: Union[int, slice, Tensor]) -> GroupElement:
         if isinstance(idx, int):
@@ -159,10 +172,11 @@ class GroupElement:
     def compose(self, other: GroupElement) -> GroupElement:
         """``self ∘ other``: ``other`` acts first. Per sample."""
         self._check_same_batch(other)
+        other = other._moved(self.device)
         sign = torch.where(self.flip, -1, 1)
-        rot = (self.rot + sign * other.rot.to(self.device)) % 4
-        flip = self.flip ^ other.flip.to(self.device)
-        other_scale = other.scale.to(self.device)
+        rot = (self.rot + sign * other.rot) % 4
+        flip = self.flip ^ other.flip
+        other_scale = other.scale
         swapped = torch.where((self.rot % 2 == 1)[:, None], other_scale.flip(-1), other_scale)
         return GroupElement(rot, flip, self.scale * swapped)
 
@@ -185,7 +199,7 @@ class GroupElement:
 
     def equals(self, other: GroupElement, atol: float = 1e-9) -> bool:
         self._check_same_batch(other)
-        o = other.to(self.device)
+        o = other._moved(self.device)
         return bool((self.rot == o.rot).all() and (self.flip == o.flip).all() and torch.allclose(self.scale, o.scale, atol=atol, rtol=0))
 
     def has_scale(self) -> bool:
@@ -196,10 +210,20 @@ class GroupElement:
 
 
 # ---------------------------------------------------------------------- the grid transform
-def _d4_index(h: int, w: int, rot: Tensor, flip: Tensor) -> Tuple[Tensor, int, int]:
-    """Flat source index of every output cell, per sample: ``y.flatten()[b, t] = x.flatten()[b, idx[b, t]]``."""
-    odd = rot % 2 == 1
-    ho, wo = (w, h) if bool(odd[0]) else (h, w)
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device`` without a stream sync: host-to-device copies are non-blocking; copies toward the
+    host stay blocking (a non-blocking one could be read before it lands)."""
+    if t.device == device:
+        return t
+    return t.to(device, non_blocking=torch.device(device).type != "cpu")
+
+
+def _d4_gather_index(h: int, w: int, ho: int, wo: int, rot: Tensor, flip: Tensor) -> Tensor:
+    """Flat source index of every output cell, per sample: ``y.flatten()[b, t] = x.flatten()[b, idx[b, t]]``.
+
+    ``(ho, wo)`` is the output grid, ``(w, h)`` for odd ``rot`` and ``(h, w)`` for even ones; the caller
+    knows it from the shapes, so nothing is read from ``rot``. Built on ``rot``'s device.
+    """
     i = torch.arange(ho, device=rot.device).view(1, ho, 1)
     j = torch.arange(wo, device=rot.device).view(1, 1, wo)
     k = rot.view(-1, 1, 1)
@@ -207,15 +231,25 @@ def _d4_index(h: int, w: int, rot: Tensor, flip: Tensor) -> Tuple[Tensor, int, i
     a = torch.where(k == 0, i, torch.where(k == 1, j, torch.where(k == 2, h - 1 - i, h - 1 - j)))
     b = torch.where(k == 0, j, torch.where(k == 1, w - 1 - i, torch.where(k == 2, w - 1 - j, i)))
     b = torch.where(flip.view(-1, 1, 1), w - 1 - b, b)
-    return (a * w + b).reshape(rot.shape[0], ho * wo), ho, wo
+    return (a * w + b).reshape(rot.shape[0], ho * wo)
 
 
-def _apply_d4(x: Tensor, rot: Tensor, flip: Tensor) -> Tensor:
-    """Exact per-sample D4 permutation of the last two axes of ``x`` (B, C, H, W), one gather."""
+def _d4_index(h: int, w: int, rot: Tensor, flip: Tensor) -> Tuple[Tensor, int, int]:
+    """``(index, ho, wo)`` for elements of one parity (reads ``rot[0]``; kept for callers outside the hot path)."""
+    odd = int(rot[:1].cpu().item()) % 2 == 1 if rot.numel() else False
+    ho, wo = (w, h) if odd else (h, w)
+    return _d4_gather_index(h, w, ho, wo, rot, flip), ho, wo
+
+
+def _apply_d4(x: Tensor, rot: Tensor, flip: Tensor, odd: bool) -> Tensor:
+    """Per-sample D4 permutation of the last two axes of ``x`` (B, C, H, W), one gather, no host read.
+
+    ``odd`` says which output shape to build, ``(W, H)`` if True; every ``rot`` must have that parity
+    (on a square grid both parities have the same shape and may mix).
+    """
     bsz, c, h, w = x.shape
-    if bool((rot == 0).all()) and not bool(flip.any()):
-        return x
-    idx, ho, wo = _d4_index(h, w, rot.to(x.device), flip.to(x.device))
+    ho, wo = (w, h) if odd else (h, w)
+    idx = _d4_gather_index(h, w, ho, wo, rot, flip)
     out = x.reshape(bsz, c, h * w).gather(2, idx[:, None, :].expand(bsz, c, ho * wo))
     return out.reshape(bsz, c, ho, wo)
 
@@ -239,77 +273,91 @@ def _check_map(x: Tensor, what: str) -> None:
         raise SERError(f"{what} has an empty grid {tuple(x.shape)}; H and W must be positive.")
 
 
+def _size_from_scale(g: GroupElement, h: int, w: int) -> Tuple[int, int]:
+    """The output grid implied by ``g.scale`` (one host read of the elements: free when they live on the CPU)."""
+    rot = g.rot.cpu().tolist()
+    scale = g.scale.cpu().tolist()
+    hs = sorted({int(round((w if r % 2 else h) * sc[0])) for r, sc in zip(rot, scale)})
+    ws = sorted({int(round((h if r % 2 else w) * sc[1])) for r, sc in zip(rot, scale)})
+    if len(hs) != 1 or len(ws) != 1:
+        raise SERError(
+            f"the elements map the ({h}, {w}) grid to different sizes across the batch (heights {hs}, "
+            f"widths {ws}); a batch needs one output size: pass size=(H, W) or use one scale per batch."
+        )
+    return hs[0], ws[0]
+
+
 def transform_grid(
     x: Tensor,
     g: GroupElement,
     size: Optional[Tuple[int, int]] = None,
     mode: str = "bilinear",
     antialias: bool = False,
+    *,
+    parity: Optional[bool] = None,
 ) -> Tensor:
     """Applies per-sample elements ``g`` to a batch of grids ``x`` (B, C, H, W).
 
     The D4 part is an exact permutation; the scale part (or an explicit ``size``) resamples the grid to
-    one output size for the whole batch.
+    one output size for the whole batch. With ``size`` given, nothing is read back from ``g`` or ``x``
+    (no host sync on a GPU): only ``g``'s rotation and flip move to ``x``'s device (non-blocking) to build
+    the gather index there. On a non-square grid the odd and even rotations cannot share one permutation,
+    so both are computed for the whole batch and selected per sample, unless ``parity`` says which.
 
     Args:
         x: ``(B, C, H, W)``.
-        g: ``B`` elements.
-        size: output ``(H_out, W_out)``; default: from ``g.scale`` (rounded), which must agree across the batch.
+        g: ``B`` elements, on any device (the CPU is cheapest).
+        size: output ``(H_out, W_out)``; default: from ``g.scale`` (rounded), which must agree across the
+            batch. Computing it reads ``g.scale`` on the host (free for CPU elements).
         mode: resampling for the scale part: nearest, nearest-exact, bilinear, bicubic or area.
         antialias: antialias when downsampling (bilinear/bicubic).
+        parity: ``False``/``True`` if the caller knows every rotation is even/odd (skips the other branch
+            on non-square grids); ``None`` (default) for mixed or unknown.
+
+    Returns:
+        The transformed grids.
 
     Shape:
         ``(B, C, H, W) -> (B, C, H_out, W_out)``.
 
     Raises:
-        SERError: shapes and elements disagree, or odd and even rotations are mixed on a non-square
-        grid with no resampling to reconcile them.
+        SERError: shapes and elements disagree, or the scales imply different sizes across the batch.
     """
     _check_map(x, "the input")
     if len(g) != x.shape[0]:
         raise SERError(f"{len(g)} group elements for a batch of {x.shape[0]} (input {tuple(x.shape)}); give one element per sample.")
     if mode not in _MODES:
         raise SERError(f"unknown resampling mode {mode!r}; use one of {_MODES}.")
-    g = g.to(x.device)
     bsz, _, h, w = x.shape
     if bsz == 0:
         return x
-    odd = g.rot % 2 == 1
     if size is None:
-        base_h = torch.where(odd, torch.full_like(g.rot, w), torch.full_like(g.rot, h)).double()
-        base_w = torch.where(odd, torch.full_like(g.rot, h), torch.full_like(g.rot, w)).double()
-        hs = torch.round(base_h * g.scale[:, 0]).long().unique()
-        ws = torch.round(base_w * g.scale[:, 1]).long().unique()
-        if hs.numel() != 1 or ws.numel() != 1:
-            raise SERError(
-                f"the elements map the ({h}, {w}) grid to different sizes across the batch (heights {hs.tolist()}, "
-                f"widths {ws.tolist()}); a batch needs one output size: pass size=(H, W) or use one scale per batch."
-            )
-        size = (int(hs.item()), int(ws.item()))
+        size = _size_from_scale(g, h, w)
     size = (int(size[0]), int(size[1]))
     if size[0] < 1 or size[1] < 1:
         raise SERError(f"output size {size} is empty; scale factors too small for a ({h}, {w}) grid.")
-    mixed = bool(odd.any()) and not bool(odd.all())
-    if not mixed:
-        # one parity: resample in the source frame, then permute exactly
-        pre = (size[1], size[0]) if bool(odd[0]) else size
-        return _apply_d4(_resize(x, pre, mode, antialias), g.rot, g.flip)
-    if h == w and size[0] == size[1]:
-        return _apply_d4(_resize(x, size, mode, antialias), g.rot, g.flip)
-    # mixed parities on non-square grids: one resample per parity class, then merge (no per-sample loop)
-    out = x.new_empty((bsz, x.shape[1], size[0], size[1]))
-    for parity in (False, True):
-        sel = (odd == parity).nonzero().flatten()
-        if sel.numel() == 0:
-            continue
+    rot, flip = to_device(g.rot, x.device), to_device(g.flip, x.device)
+    if h == w:
+        # a square grid keeps its shape under every D4 element: permute exactly, then resample
+        # (g·x = scale(rot(flip(x))): the scale acts last)
+        return _resize(_apply_d4(x, rot, flip, odd=False), size, mode, antialias)
+    if parity is not None:
         pre = (size[1], size[0]) if parity else size
-        part = _apply_d4(_resize(x.index_select(0, sel), pre, mode, antialias), g.rot[sel], g.flip[sel])
-        out = out.index_copy(0, sel, part)
-    return out
+        return _apply_d4(_resize(x, pre, mode, antialias), rot, flip, odd=parity)
+    # non-square grid, parities unknown: both branches for the whole batch, selected per sample (no host read)
+    even = _apply_d4(_resize(x, size, mode, antialias), rot & 2, flip, odd=False)
+    odd = _apply_d4(_resize(x, (size[1], size[0]), mode, antialias), rot | 1, flip, odd=True)
+    return torch.where((rot % 2 == 1).view(-1, 1, 1, 1), odd, even)
 
 
 def act_image(
-    x: Tensor, g: GroupElement, size: Optional[Tuple[int, int]] = None, mode: str = "bilinear", antialias: bool = True
+    x: Tensor,
+    g: GroupElement,
+    size: Optional[Tuple[int, int]] = None,
+    mode: str = "bilinear",
+    antialias: bool = True,
+    *,
+    parity: Optional[bool] = None,
 ) -> Tensor:
     """The image action ``g·x`` on pixels (B, C, H, W); see the module's convention.
 
@@ -318,15 +366,15 @@ def act_image(
         >>> torch.equal(act_image(x, GroupElement.from_d4([1], [0])), torch.rot90(x, 1, (-2, -1)))
         True
     """
-    return transform_grid(x, g, size=size, mode=mode, antialias=antialias)
+    return transform_grid(x, g, size=size, mode=mode, antialias=antialias, parity=parity)
 
 
 def rho(
-    tokens: Tensor, g: GroupElement, size: Optional[Tuple[int, int]] = None, mode: str = "bilinear"
+    tokens: Tensor, g: GroupElement, size: Optional[Tuple[int, int]] = None, mode: str = "bilinear", *, parity: Optional[bool] = None
 ) -> Tensor:
     """The token-map action ρ_g on ``(B, C, h, w)`` maps: exact permutation for D4, resampling for scale.
 
     ``size`` is the target grid; give it whenever it is known (e.g. the other view's captured grid), since
     rounding ``h·sy`` may differ by one from the grid the image action produced.
     """
-    return transform_grid(tokens, g, size=size, mode=mode, antialias=False)
+    return transform_grid(tokens, g, size=size, mode=mode, antialias=False, parity=parity)

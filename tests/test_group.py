@@ -338,3 +338,17 @@ def test_batched_gather_matches_loop_large():
     g = GroupElement.random(64)
     assert convention_law(Ops(), f, g, g)
 
+
+
+@pytest.mark.parametrize("size", [(8, 16), (20, 12), (12, 12)])
+def test_square_grid_mixed_parity_with_scale_matches_per_sample_loop(size):
+    """Square grids: the D4 permutation then one resample for the whole batch (no per-parity split, no host
+    read) equals rot90/flip then interpolate, image by image (antialiased bilinear)."""
+    x = torch.rand(8, 3, 12, 12)
+    g = GroupElement.random(8, generator=torch.Generator().manual_seed(4))
+    got = act_image(x, g, size=size)
+    for i in range(8):
+        k, f = int(g.rot[i]), bool(g.flip[i])
+        ref = torch.rot90(x[i : i + 1].flip(-1) if f else x[i : i + 1], k, (-2, -1))
+        ref = torch.nn.functional.interpolate(ref, size=size, mode="bilinear", align_corners=False, antialias=True) if size != (12, 12) else ref
+        assert torch.allclose(got[i : i + 1], ref, atol=1e-6), (size, i)

@@ -70,7 +70,7 @@ def test_photometric_is_asymmetric_and_not_geometric():
 
 def test_grayscale_single_channel_and_normalisation():
     views = EquivariantViews(patch_size=2, mean=[0.5], std=[0.25])
-    pair = views(torch.rand(4, 1, 8, 8))
+    pair = views((torch.rand(4, 1, 8, 8) - 0.5) / 0.25)  # normalised input, normalised views
     assert pair.x1.shape == (4, 1, 8, 8) and pair.x1.min() < 0
 
 
