@@ -32,9 +32,11 @@ How it counts:
 * ``Tensor.tolist``, ``Tensor.numpy``, ``Tensor.__array__`` and ``Tensor.__bool__`` are wrapped for the
   duration of the block (``tolist``/``numpy`` do not dispatch any aten op on CPU tensors); an op reached
   from inside a wrapped method is not counted twice. Not counted: reading a tensor tagged
-  ``_ser_host_copy = True`` — ser_plugin tags the host copy of a non-blocking device->host transfer that it
-  reads only after a CUDA event says the copy is complete (``ser_plugin.loss.FiniteCheck``), which never
-  stalls a device; on a CPU-only run the same code reads a CPU tensor, which would otherwise be counted.
+  ``_ser_host_tensor = True``. ser_plugin tags the tensors that live on the host by design in a GPU run too:
+  the host copy of a non-blocking device->host transfer, read only after a CUDA event says it is complete
+  (``ser_plugin.loss.FiniteCheck``), and the shape integers exchanged through a CPU (gloo) process group
+  (``ser_plugin.distributed.exchange_sizes``). Reading them never stalls a device; on a CPU-only run they
+  are CPU tensors like all others, which would otherwise be counted.
 * Collectives: the Python entry points of ``torch.distributed`` (:data:`COLLECTIVES`) are wrapped for the
   duration of the block (a collective calling another, e.g. ``all_gather_object`` -> ``all_gather``,
   counts once), plus functional collectives (``_c10d_functional`` ops) seen by a dispatch mode.
@@ -239,7 +241,7 @@ def _restore(owner: Any, names: Tuple[str, ...]) -> None:
 
 
 def _on_tensor_method(name: str, args: tuple, kwargs: dict) -> None:
-    if args and getattr(args[0], "_ser_host_copy", False):
+    if args and getattr(args[0], "_ser_host_tensor", False):
         return  # a completed non-blocking device->host copy (see the module docstring)
     for counts, where in list(_active_syncs):
         counts.add(f"Tensor.{name}", _caller() if where else "")

@@ -89,7 +89,10 @@ def exchange_sizes(sizes: Sequence[int], device: Optional[torch.device] = None) 
         mine = mine.to(device if device is not None else "cpu")
     out = mine.new_empty(w * mine.numel())
     _all_gather_single(out, mine, group=group)
-    return out.view(w, -1).tolist()
+    if usable:
+        out._ser_host_tensor = True  # exchanged on the host: reading it waits for the other ranks, never for a device
+    flat, k = out.tolist(), mine.numel()
+    return [flat[i * k : (i + 1) * k] for i in range(w)]
 
 
 class _GatherPadded(torch.autograd.Function):

@@ -622,7 +622,7 @@ class FiniteCheck:
             event.record()
         else:
             host = summary
-        host._ser_host_copy = True  # a completed non-blocking device->host copy: reading it never stalls a device
+        host._ser_host_tensor = True  # a completed non-blocking device->host copy: reading it never stalls a device
         self._pending.append((host, event, [(nm, tuple(f.shape)) for nm, f in named_maps], where, remote is not None, step))
 
     def poll(self, block: bool = False) -> None:
