@@ -481,10 +481,9 @@ class TokenInfoNCE(nn.Module):
         if buf is not None:
             with torch.no_grad():
                 self.last_remote_finite = torch.isfinite(buf).flatten(1).all(1)
+            # a rank with no images still has the gather in its graph (its empty queries' negatives come from
+            # it), so its backward takes part in the reduce-scatter like every other rank's
             loss = loss * world_size()
-            if n == 0 and buf.requires_grad:
-                # keep the gather in this rank's graph: its backward reduce-scatter must run on every rank
-                loss = loss + buf.sum() * 0.0
         return loss
 
     def _fused_symmetric(self, z2: Tensor, z1a: Tensor) -> Tensor:
