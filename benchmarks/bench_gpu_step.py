@@ -94,8 +94,8 @@ def build(args: argparse.Namespace, b2: float) -> Dict[str, Any]:
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
+        pair = ser.views(x1[:n]) if ser is not None else None  # augmentation: outside autocast, as in a loader
         with torch.autocast(dev.type, dtype=torch.bfloat16):
-            pair = ser.views(x1[:n]) if ser is not None else None
             loss = model.step_loss(x1, x2, 1, ser, pair)
         loss.backward()
         opt.step()

@@ -346,6 +346,11 @@ def test_rank_without_b2_images_does_not_hang_and_equals_one_process(contract):
         assert _close(r0["grads"][n], p.grad) and _close(r1["grads"][n], p.grad), n
 
 
+def test_no_rank_with_b2_images_gives_zero(contract):
+    r0, r1 = _ok(contract, "all_empty")
+    assert r0["loss"].item() == 0.0 == r1["loss"].item() and r0["grad_shape"] == (0, 6, 3, 3)
+
+
 def test_logging_loss_on_one_rank_does_not_hang_or_change_the_step(contract):
     r0, r1 = _ok(contract, "nograd_log")
     assert r0["log_collectives"] == 0

@@ -147,6 +147,16 @@ def empty_rank(r: int, world: int) -> dict:
     return {"ser": loss.detach(), "host": host.detach(), "grads": {n: p.grad.clone() for n, p in model.module.named_parameters()}}
 
 
+def all_empty(r: int, world: int) -> dict:
+    """No rank has b2 images this step: every rank still calls the loss; 0, finite, backward runs."""
+    f1 = torch.zeros(0, C, 3, 3, requires_grad=True)
+    f2 = torch.zeros(0, C, 3, 3, requires_grad=True)
+    g = GroupElement.from_d4(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool))
+    loss = TokenInfoNCE()(f1, f2, g)
+    loss.backward()
+    return {"loss": loss.detach(), "grad_shape": tuple(f1.grad.shape)}
+
+
 def nograd_log(r: int, world: int) -> dict:
     """Rank 0 logs an extra loss (under no_grad with gather='auto', then with gather=False) before the step."""
     f1, f2, g, _ = variant_inputs("default", r)
@@ -209,7 +219,7 @@ def fsdp(r: int, world: int) -> dict:
 
 def scenarios():
     out = [(f"equiv_{v}", functools.partial(equiv, v)) for v in VARIANTS]
-    return out + [("handle", handle), ("empty_rank", empty_rank), ("nograd_log", nograd_log),
+    return out + [("handle", handle), ("empty_rank", empty_rank), ("all_empty", all_empty), ("nograd_log", nograd_log),
                   ("remote_nonfinite", remote_nonfinite), ("fsdp", fsdp)]
 
 
