@@ -51,7 +51,7 @@ def _reduce_scatter_single(out: Tensor, inp: Tensor) -> None:
     fn(out, inp, op=dist.ReduceOp.SUM)
 
 
-_HOST_GROUPS: Dict[int, Any] = {}
+_HOST_GROUPS: Dict[int, Tuple[Any, Any]] = {}
 
 
 def _host_group() -> Tuple[bool, Any]:
@@ -61,13 +61,15 @@ def _host_group() -> Tuple[bool, Any]:
     backend = str(dist.get_backend()).lower()
     if "gloo" in backend or "mpi" in backend:
         return True, None
-    key = id(dist.distributed_c10d._get_default_group())
-    if key not in _HOST_GROUPS:
+    default = dist.distributed_c10d._get_default_group()
+    known = _HOST_GROUPS.get(id(default))
+    if known is None or known[0] is not default:  # first call, or a new default group since
         try:
-            _HOST_GROUPS[key] = dist.new_group(backend="gloo")
+            group: Any = dist.new_group(backend="gloo")
         except Exception:  # gloo not built: fall back to the device (one host read per step)
-            _HOST_GROUPS[key] = False
-    group = _HOST_GROUPS[key]
+            group = False
+        _HOST_GROUPS[id(default)] = (default, group)
+    group = _HOST_GROUPS[id(default)][1]
     return group is not False, group
 
 

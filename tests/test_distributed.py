@@ -346,6 +346,17 @@ def test_rank_without_b2_images_does_not_hang_and_equals_one_process(contract):
         assert _close(r0["grads"][n], p.grad) and _close(r1["grads"][n], p.grad), n
 
 
+def test_size_exchange_through_a_gloo_side_group_when_the_default_group_is_nccl(contract):
+    """With a device-only default group (NCCL, simulated) the shape integers go through a gloo group made once:
+    still 3 collectives, no host read, the same loss and gradients."""
+    d0, d1 = _ok(contract, "equiv_default")
+    for got, want in zip(_ok(contract, "side_group"), (d0, d1)):
+        assert got["uses_side_group"] and got["side_groups"] == 1
+        assert sum(got["coll_fwd"].values()) == 2 and sum(got["coll_bwd"].values()) == 1
+        assert not got["syncs_fwd"] and not got["syncs_bwd"], got["sync_report"]
+        assert torch.equal(got["loss"], want["loss"]) and torch.equal(got["g1"], want["g1"]) and torch.equal(got["g2"], want["g2"])
+
+
 def test_no_rank_with_b2_images_gives_zero(contract):
     r0, r1 = _ok(contract, "all_empty")
     assert r0["loss"].item() == 0.0 == r1["loss"].item() and r0["grad_shape"] == (0, 6, 3, 3)

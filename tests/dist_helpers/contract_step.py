@@ -147,6 +147,23 @@ def empty_rank(r: int, world: int) -> dict:
     return {"ser": loss.detach(), "host": host.detach(), "grads": {n: p.grad.clone() for n, p in model.module.named_parameters()}}
 
 
+def side_group(r: int, world: int) -> dict:
+    """The default group reported as NCCL (CPU tensors not allowed): the sizes go through a gloo side group made
+    at the first call. Second call counted; results equal to the default group's (equiv_default)."""
+    import ser_plugin.distributed as sd
+
+    real = sd.dist.get_backend
+    sd.dist.get_backend = lambda *a, **k: "nccl"
+    try:
+        equiv("default", r, world)  # first call: creates the side group
+        out = equiv("default", r, world)
+        out["side_groups"] = len(sd._HOST_GROUPS)
+        out["uses_side_group"] = sd._host_group()[1] is not None
+    finally:
+        sd.dist.get_backend = real
+    return out
+
+
 def all_empty(r: int, world: int) -> dict:
     """No rank has b2 images this step: every rank still calls the loss; 0, finite, backward runs."""
     f1 = torch.zeros(0, C, 3, 3, requires_grad=True)
@@ -219,7 +236,7 @@ def fsdp(r: int, world: int) -> dict:
 
 def scenarios():
     out = [(f"equiv_{v}", functools.partial(equiv, v)) for v in VARIANTS]
-    return out + [("handle", handle), ("empty_rank", empty_rank), ("all_empty", all_empty), ("nograd_log", nograd_log),
+    return out + [("handle", handle), ("empty_rank", empty_rank), ("all_empty", all_empty), ("side_group", side_group), ("nograd_log", nograd_log),
                   ("remote_nonfinite", remote_nonfinite), ("fsdp", fsdp)]
 
 
