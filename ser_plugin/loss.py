@@ -515,65 +515,89 @@ class TokenInfoNCE(nn.Module):
 NamedMaps = Sequence[Tuple[str, Tensor]]
 
 
-def _summary(value: Tensor, named_maps: NamedMaps, remote: Optional[Tensor]) -> Tensor:
-    """On-device float64 vector: ``[value, per map: #NaN, #+Inf, #-Inf, per rank: finite]`` (no host read)."""
-    v = value.detach().reshape(-1)[:1].double() if value.numel() else value.new_zeros(1, dtype=torch.float64)
-    parts = [v.reshape(1).to(torch.float64)]
+Extra = Sequence[Tuple[Tensor, str]]
+
+
+def _summary(value: Optional[Tensor], named_maps: NamedMaps, remote: Optional[Tensor], extra: Extra = (), device: Any = None) -> Tensor:
+    """On-device float64 vector ``[value, per map: #NaN, #+Inf, #-Inf, per rank: finite, per extra check: ok]``
+    (no host read; ``value`` None reads as 0)."""
+    dev = value.device if value is not None else (device if device is not None else "cpu")
+    if value is not None and value.numel():
+        parts = [value.detach().reshape(-1)[:1].to(torch.float64)]
+    else:
+        parts = [torch.zeros(1, dtype=torch.float64, device=dev)]
     for _, f in named_maps:
         f = f.detach()
         if not f.is_floating_point():
-            parts.append(torch.zeros(3, dtype=torch.float64, device=v.device))
+            parts.append(torch.zeros(3, dtype=torch.float64, device=dev))
             continue
-        parts.append(torch.stack([torch.isnan(f).sum(), torch.isposinf(f).sum(), torch.isneginf(f).sum()]).to(v.device, torch.float64))
+        parts.append(torch.stack([torch.isnan(f).sum(), torch.isposinf(f).sum(), torch.isneginf(f).sum()]).to(dev, torch.float64))
     if remote is not None:
-        parts.append(remote.detach().to(v.device, torch.float64).reshape(-1))
+        parts.append(remote.detach().to(dev, torch.float64).reshape(-1))
+    for ok, _ in extra:
+        parts.append(ok.detach().reshape(-1)[:1].to(dev, torch.float64))
     return torch.cat(parts)
 
 
-def _message(summary: List[float], named_maps: Sequence[Tuple[str, Tuple[int, ...]]], where: str, has_remote: bool) -> Optional[str]:
-    """The SERError text for a host copy of :func:`_summary`, or None when the value is finite."""
+def _message(
+    summary: List[float], named_maps: Sequence[Tuple[str, Tuple[int, ...]]], where: str, n_remote: int,
+    extra_messages: Sequence[str] = (), check_value: bool = True,
+) -> Optional[str]:
+    """The SERError text for a host copy of :func:`_summary`, or None when everything checked is fine."""
     value = summary[0]
-    if math.isfinite(value):
-        return None
-    at = f" at {where}" if where else ""
-    bad = []
-    for i, (name, shape) in enumerate(named_maps):
-        nan, pinf, ninf = (int(x) for x in summary[1 + 3 * i : 4 + 3 * i])
-        kinds = [f"{c} {k}" for c, k in ((nan, "NaN"), (pinf, "+Inf"), (ninf, "-Inf")) if c]
-        if kinds:
-            bad.append(f"{name} {tuple(shape)}: {', '.join(kinds)}")
-    if bad:
-        return (f"L_equiv is {value}{at}: non-finite values in {'; '.join(bad)}. The encoder diverged or got bad input "
-                "(check the inputs' range and the learning rate; under fp16 use a GradScaler or bf16).")
-    if has_remote:
-        flags = summary[1 + 3 * len(named_maps):]
-        ranks = [r for r, ok in enumerate(flags) if not ok and r != rank()]
+    k = 1 + 3 * len(named_maps)
+    if check_value and not math.isfinite(value):
+        at = f" at {where}" if where else ""
+        bad = []
+        for i, (name, shape) in enumerate(named_maps):
+            nan, pinf, ninf = (int(x) for x in summary[1 + 3 * i : 4 + 3 * i])
+            kinds = [f"{c} {kind}" for c, kind in ((nan, "NaN"), (pinf, "+Inf"), (ninf, "-Inf")) if c]
+            if kinds:
+                bad.append(f"{name} {tuple(shape)}: {', '.join(kinds)}")
+        if bad:
+            return (f"L_equiv is {value}{at}: non-finite values in {'; '.join(bad)}. The encoder diverged or got bad input "
+                    "(check the inputs' range and the learning rate; under fp16 use a GradScaler or bf16).")
+        ranks = [r for r, ok in enumerate(summary[k : k + n_remote]) if not ok and r != rank()]
         if ranks:
             who = f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(str(r) for r in ranks)
             return (f"L_equiv is {value}{at}: this rank's maps are finite, but the keys gathered from {who} are "
                     "non-finite (NaN/Inf): that rank's encoder diverged or got bad input; its own error names the map.")
-    return (f"L_equiv is {value}{at}: the token maps are finite, so the similarities overflowed; check tau "
-            "(too small?) and the token head.")
+        return (f"L_equiv is {value}{at}: the token maps are finite, so the similarities overflowed; check tau "
+                "(too small?) and the token head.")
+    for ok, msg in zip(summary[k + n_remote :], extra_messages):
+        if not ok:
+            return msg
+    return None
 
 
-def raise_if_nonfinite(value: Tensor, named_maps: NamedMaps, where: str = "", remote: Optional[Tensor] = None) -> None:
+def raise_if_nonfinite(
+    value: Optional[Tensor], named_maps: NamedMaps, where: str = "", remote: Optional[Tensor] = None, extra: Extra = (),
+) -> None:
     """Raises a SERError naming the non-finite map(s) and the kind of values (NaN, +Inf, -Inf) when ``value`` is
-    not finite. One host read (a sync on an accelerator) on the good path.
+    not finite, or the message of a failed ``extra`` check. One host read (a sync on an accelerator) for all of
+    them on the good path.
 
     Args:
-        value: the loss (any shape; checked for all-finite).
+        value: the loss (any shape; checked for all-finite), or None to check only ``extra``.
         named_maps: ``(name, tensor)`` pairs to examine when it is not: e.g. ``("view 1", f1)``, ``("view 2", f2)``,
             ``("teacher key 1", k1)``, ``("view 1 pixels", pair.x1)``.
         where: appended as "at {where}" (e.g. ``"layer 6"``).
         remote: :attr:`TokenInfoNCE.last_remote_finite` after a gathered call: names the rank(s) whose gathered
             keys were non-finite when this rank's maps are finite (instead of blaming tau).
+        extra: more device-side checks ``(ok, message)``: a 0-d bool tensor and the SERError text when it is False
+            (e.g. the caller's pairing checks), read in the same host read.
 
     Raises:
-        SERError: ``value`` has a NaN or an Inf.
+        SERError: ``value`` has a NaN or an Inf (checked first), or an ``extra`` check failed.
     """
-    if bool(torch.isfinite(value.detach()).all()):
+    flags = ([torch.isfinite(value.detach()).all().reshape(1)] if value is not None else []) + [
+        ok.detach().reshape(-1)[:1].to(value.device if value is not None else ok.device) for ok, _ in extra
+    ]
+    if not flags or all(torch.cat(flags).tolist()):
         return
-    msg = _message(_summary(value, named_maps, remote).tolist(), [(nm, tuple(f.shape)) for nm, f in named_maps], where, remote is not None)
+    summary = _summary(value, named_maps, remote, extra, device=flags[0].device).tolist()
+    msg = _message(summary, [(nm, tuple(f.shape)) for nm, f in named_maps], where,
+                   0 if remote is None else remote.numel(), [m for _, m in extra], value is not None)
     raise SERError(msg or f"L_equiv is not finite at {where}.")
 
 
@@ -597,22 +621,27 @@ class FiniteCheck:
             raise SERError(f"FiniteCheck mode must be 'auto', 'sync' or 'deferred', got {mode!r}.")
         self.mode = mode
         self.step = 0
-        self._pending: List[Tuple[Tensor, Any, List[Tuple[str, Tuple[int, ...]]], str, bool, int]] = []
+        self._pending: List[Tuple[Tensor, Any, List[Tuple[str, Tuple[int, ...]]], str, int, List[str], bool, int]] = []
 
-    def __call__(self, value: Tensor, named_maps: NamedMaps, where: str = "", remote: Optional[Tensor] = None) -> None:
-        """Checks ``value`` (see :func:`raise_if_nonfinite` for the arguments).
+    def __call__(
+        self, value: Optional[Tensor], named_maps: NamedMaps, where: str = "", remote: Optional[Tensor] = None, extra: Extra = (),
+    ) -> None:
+        """Checks ``value`` and the ``extra`` checks (see :func:`raise_if_nonfinite` for the arguments).
 
         Raises:
             SERError: this step's value (sync) or an earlier step's (deferred) was not finite.
         """
         step, self.step = self.step, self.step + 1
-        deferred = self.mode == "deferred" or (self.mode == "auto" and value.device.type not in ("cpu", "meta"))
+        like = value if value is not None else (extra[0][0] if extra else None)
+        if like is None:
+            return
+        deferred = self.mode == "deferred" or (self.mode == "auto" and like.device.type not in ("cpu", "meta"))
         if not deferred:
             self.flush()
-            raise_if_nonfinite(value, named_maps, f"{where}, step {step}" if where else f"step {step}", remote)
+            raise_if_nonfinite(value, named_maps, f"{where}, step {step}" if where else f"step {step}", remote, extra)
             return
         self.poll()
-        summary = _summary(value, named_maps, remote)
+        summary = _summary(value, named_maps, remote, extra, device=like.device)
         event = None
         if summary.device.type == "cuda":
             host = torch.empty(summary.shape, dtype=summary.dtype, pin_memory=True)
@@ -622,7 +651,8 @@ class FiniteCheck:
         else:
             host = summary
         host._ser_host_tensor = True  # a completed non-blocking device->host copy: reading it never stalls a device
-        self._pending.append((host, event, [(nm, tuple(f.shape)) for nm, f in named_maps], where, remote is not None, step))
+        self._pending.append((host, event, [(nm, tuple(f.shape)) for nm, f in named_maps], where,
+                              0 if remote is None else remote.numel(), [m for _, m in extra], value is not None, step))
 
     def poll(self, block: bool = False) -> None:
         """Raises for the oldest failed step among the summaries already on the host (all of them if ``block``).
@@ -631,13 +661,13 @@ class FiniteCheck:
             SERError: a checked step was not finite.
         """
         while self._pending:
-            host, event, names, where, has_remote, step = self._pending[0]
+            host, event, names, where, n_remote, messages, check_value, step = self._pending[0]
             if event is not None and not event.query():
                 if not block:
                     return
                 event.synchronize()
             self._pending.pop(0)
-            msg = _message(host.tolist(), names, f"{where}, step {step}" if where else f"step {step}", has_remote)
+            msg = _message(host.tolist(), names, f"{where}, step {step}" if where else f"step {step}", n_remote, messages, check_value)
             if msg is not None:
                 self._pending.clear()
                 raise SERError(msg)

@@ -284,3 +284,30 @@ def test_online_keys_give_about_twice_the_gradient_of_stop_grad_keys():
     ratio, cos = (a.norm() / b.norm()).item(), F.cosine_similarity(a, b, 0).item()
     assert 1.8 < ratio < 2.05 and cos > 0.99, (ratio, cos)
     assert math.isfinite(ratio)
+
+
+def test_extra_device_checks_share_the_one_host_read():
+    """The caller's device-side checks (e.g. pairing) ride along: one read for all in sync mode, none deferred;
+    the value is checked first; value=None checks only the extras."""
+    f1, f2, g = _maps(n=3, dtype=torch.float32)
+    loss = TokenInfoNCE()(f1, f2, g)
+    ok, bad = torch.tensor(True), torch.tensor(False)
+    with count_syncs() as c:
+        raise_if_nonfinite(loss, _named(f1, f2), extra=[(ok, "never"), (ok, "never")])
+    assert c.total == 1, c.report()
+    with pytest.raises(SERError, match="pairing is off"):
+        raise_if_nonfinite(loss, _named(f1, f2), extra=[(ok, "never"), (bad, "pairing is off")])
+    with pytest.raises(SERError, match="pairing is off"):
+        raise_if_nonfinite(None, [], extra=[(bad, "pairing is off")])
+    raise_if_nonfinite(None, [])  # nothing to check: no read, no error
+    nan = torch.tensor(float("nan"))
+    with pytest.raises(SERError, match="tau"):  # the value first
+        raise_if_nonfinite(nan, _named(f1, f2), extra=[(bad, "pairing is off")])
+    check = FiniteCheck(mode="deferred")
+    with count_syncs() as c:
+        check(loss, _named(f1, f2), where="layer 3", extra=[(bad, "pairing is off")])
+    assert c.total == 0, c.report()
+    with pytest.raises(SERError, match="pairing is off"):
+        check.flush()
+    check(None, [], extra=[(ok, "never")])
+    check.flush()
