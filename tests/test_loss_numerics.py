@@ -150,7 +150,11 @@ def test_deferred_check_reports_the_bad_step_on_the_next_call():
     sync = FiniteCheck(mode="sync")
     with pytest.raises(SERError, match="view 1"):
         sync(bad, _named(bad1, f2))
-    assert FiniteCheck().mode == "auto"
+    auto = FiniteCheck()  # "auto" on CPU tensors: immediate (a host read costs nothing there)
+    with pytest.raises(SERError, match="step 0.*view 1"):
+        auto(bad, _named(bad1, f2))
+    with pytest.raises(SERError, match="mode"):
+        FiniteCheck(mode="later")
 
 
 # ------------------------------------------------------------------ zero host syncs in forward + backward
