@@ -91,25 +91,30 @@ class MoCoV3Like(nn.Module):
 
 
 class SimulatedRanks:
-    """Makes ser_plugin's loss (and the host loss) see ``world`` ranks' keys: 8 copies of the local rows."""
+    """Makes ser_plugin's loss (and the host loss) see ``world`` ranks' keys: every rank has the local sizes and
+    the gathered buffer holds ``world`` copies of the local rows (the loss's size exchange and all-gather)."""
 
     def __init__(self, world: int, images: int, tokens: int) -> None:
-        self.world, self.images, self.tokens, self._next_is_images = world, images, tokens, True
+        self.world, self.images, self.tokens = world, images, tokens
 
-    def gather_rows(self, x: torch.Tensor):
-        if x.shape == (1, 1):  # the image count, then the query count, of the local rank
-            v = self.images if self._next_is_images else self.images * self.tokens
-            self._next_is_images = not self._next_is_images
-            return torch.full((self.world, 1), float(v)), [1] * self.world
-        return torch.cat([x] * self.world), [x.shape[0]] * self.world
+    def exchange_sizes(self, sizes, device=None):
+        return [list(sizes) for _ in range(self.world)]
+
+    def gather_padded(self, x: torch.Tensor, width: int) -> torch.Tensor:
+        assert x.shape[0] == width, "simulated ranks all have the local sizes"
+        return torch.stack([x] * self.world)
+
+    _NAMES = ("world_size", "rank", "exchange_sizes", "gather_padded")
 
     def __enter__(self) -> SimulatedRanks:
-        self._saved = (loss_mod.world_size, loss_mod.rank, loss_mod.gather_rows)
-        loss_mod.world_size, loss_mod.rank, loss_mod.gather_rows = (lambda: self.world), (lambda: 0), self.gather_rows
+        self._saved = tuple(getattr(loss_mod, n) for n in self._NAMES)
+        loss_mod.world_size, loss_mod.rank = (lambda: self.world), (lambda: 0)
+        loss_mod.exchange_sizes, loss_mod.gather_padded = self.exchange_sizes, self.gather_padded
         return self
 
     def __exit__(self, *exc) -> None:
-        loss_mod.world_size, loss_mod.rank, loss_mod.gather_rows = self._saved
+        for n, v in zip(self._NAMES, self._saved):
+            setattr(loss_mod, n, v)
 
 
 def host_contrastive(q: torch.Tensor, k: torch.Tensor, world: int, temp: float = 0.2) -> torch.Tensor:

@@ -33,6 +33,7 @@ PLANS: Dict[str, Dict[str, List[str]]] = {
         "quick": ["--batch", "4", "--repeats", "1", "--shares", "0.5", "--no-rss"],
     },
     "capture": {"default": [], "full": ["--batch", "128"], "quick": ["--batch", "4"]},
+    "sync": {"default": ["--world", "2"], "full": ["--world", "2"], "quick": ["--batch", "6", "--b2", "2", "--img", "16"]},
     "budget": {
         "default": ["--steps", "100"],
         "full": ["--steps", "400", "--seeds", "0", "1"],

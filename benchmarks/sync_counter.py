@@ -31,7 +31,12 @@ How it counts:
   ``non_blocking``.
 * ``Tensor.tolist``, ``Tensor.numpy``, ``Tensor.__array__`` and ``Tensor.__bool__`` are wrapped for the
   duration of the block (``tolist``/``numpy`` do not dispatch any aten op on CPU tensors); an op reached
-  from inside a wrapped method is not counted twice.
+  from inside a wrapped method is not counted twice. Not counted: reading a tensor tagged
+  ``_ser_host_tensor = True``. ser_plugin tags the tensors that live on the host by design in a GPU run too:
+  the host copy of a non-blocking device->host transfer, read only after a CUDA event says it is complete
+  (``ser_plugin.loss.FiniteCheck``), and the shape integers exchanged through a CPU (gloo) process group
+  (``ser_plugin.distributed.exchange_sizes``). Reading them never stalls a device; on a CPU-only run they
+  are CPU tensors like all others, which would otherwise be counted.
 * Collectives: the Python entry points of ``torch.distributed`` (:data:`COLLECTIVES`) are wrapped for the
   duration of the block (a collective calling another, e.g. ``all_gather_object`` -> ``all_gather``,
   counts once), plus functional collectives (``_c10d_functional`` ops) seen by a dispatch mode.
@@ -82,8 +87,8 @@ SYNC_OPS = {
 
 #: torch.distributed entry points counted by :func:`count_collectives`
 COLLECTIVES = (
-    "all_gather", "all_gather_into_tensor", "_all_gather_base", "all_gather_coalesced", "all_gather_object",
-    "all_reduce", "all_reduce_coalesced", "reduce", "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base",
+    "all_gather", "all_gather_single", "all_gather_into_tensor", "_all_gather_base", "all_gather_coalesced", "all_gather_object",
+    "all_reduce", "all_reduce_coalesced", "reduce", "reduce_scatter", "reduce_scatter_single", "reduce_scatter_tensor", "_reduce_scatter_base",
     "broadcast", "broadcast_object_list", "_broadcast_coalesced", "all_to_all", "all_to_all_single",
     "gather", "gather_object", "scatter", "scatter_object_list", "barrier", "monitored_barrier",
 )
@@ -236,6 +241,8 @@ def _restore(owner: Any, names: Tuple[str, ...]) -> None:
 
 
 def _on_tensor_method(name: str, args: tuple, kwargs: dict) -> None:
+    if args and getattr(args[0], "_ser_host_tensor", False):
+        return  # a completed non-blocking device->host copy (see the module docstring)
     for counts, where in list(_active_syncs):
         counts.add(f"Tensor.{name}", _caller() if where else "")
 
@@ -250,8 +257,9 @@ def _numel(x: Any) -> int:
 
 def _on_collective(name: str, args: tuple, kwargs: dict) -> None:
     # elements *sent* by this rank: the input tensor(s) (for all_gather the 2nd argument, else the 1st)
-    sent_arg = args[1] if name in ("all_gather", "all_gather_into_tensor", "_all_gather_base", "reduce_scatter",
-                                   "reduce_scatter_tensor", "_reduce_scatter_base", "all_to_all_single") and len(args) > 1 else (args[0] if args else None)
+    two_args = ("all_gather", "all_gather_single", "all_gather_into_tensor", "_all_gather_base", "reduce_scatter",
+                "reduce_scatter_single", "reduce_scatter_tensor", "_reduce_scatter_base", "all_to_all_single")
+    sent_arg = args[1] if name in two_args and len(args) > 1 else (args[0] if args else None)
     if name in ("all_to_all",) and len(args) > 1:
         sent_arg = args[1]
     for counts, where in list(_active_colls):

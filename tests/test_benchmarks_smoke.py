@@ -88,3 +88,31 @@ def test_run_all_plans_name_existing_scripts():
 
     for name, plan in PLANS.items():
         assert (BENCH / f"bench_{name}.py").exists() and set(plan) == {"default", "full", "quick"}
+
+
+def test_gpu_step_smoke_mode_runs_on_cpu(tmp_path):
+    """bench_gpu_step.py --smoke: the GPU benchmark's code path (bf16 autocast, alternating rounds, memory, sync
+    counts, result file with machine and commit) on a tiny ViT on the CPU."""
+    import bench_gpu_step
+
+    data = bench_gpu_step.main(["--smoke", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "perf_gpu_step_smoke.json").read_text())
+    assert saved["command"].startswith("PYTHONPATH=$PWD python") and "git_commit" in saved["machine"]
+    rows = {r["config"]: r for r in data["rows"]}
+    assert set(rows) == {"without", "b2=1%", "b2=10%"} and data["rounds"] == 2
+    for k in ("b2=1%", "b2=10%"):
+        r = rows[k]
+        assert r["time_ratio"] > 0 and r["step_peak_ratio"] > 1.0 and r["total_peak_ratio"] > 1.0
+        assert r["cuda_sync_warnings"] is None and r["counter_syncs"] >= rows["without"]["counter_syncs"]
+    assert all(len(t) == 2 for t in data["times_s"].values())
+
+
+def test_sync_bench_counts_every_phase(tmp_path, monkeypatch):
+    data = _run("bench_sync", ["--batch", "6", "--b2", "2", "--img", "16"], tmp_path, monkeypatch)
+    for cfg in ("check_finite=False", "check_finite=True"):
+        phases = data["single_process"][cfg]
+        assert set(phases) == {"views", "capture", "loss", "backward"}
+        assert all(p["collectives"] == 0 for p in phases.values())  # no process group
+    # the check adds at most one host read to the loss phase
+    on, off = data["single_process"]["check_finite=True"]["loss"], data["single_process"]["check_finite=False"]["loss"]
+    assert on["syncs"] - off["syncs"] <= 1

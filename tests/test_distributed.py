@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dist_helpers import ddp_step, lightning_step  # noqa: E402
 from dist_helpers.common import LAYER, make_images, make_pair, make_vit, naive_ser_loss  # noqa: E402
 
-from ser_plugin import attach_ser  # noqa: E402
+from ser_plugin import TokenInfoNCE, attach_ser  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -225,3 +225,167 @@ def test_lightning_ddp_strategy_equals_one_process(tmp_path):
         moved += int(n.startswith("ser.head."))
     assert moved > 0
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The distributed contract (issue 9 class 9, issue 12 goal 2): tests/dist_helpers/contract_step.py, one launch.
+from dist_helpers import contract_step  # noqa: E402
+from dist_helpers.contract_step import VARIANTS, variant_inputs  # noqa: E402
+
+from ser_plugin import rho  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def contract(tmp_path_factory):
+    out = tmp_path_factory.mktemp("contract")
+    _torchrun("contract_step.py", str(out), timeout=240)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+def _ok(res, name):
+    for r in (0, 1):
+        assert "error" not in res[r][name], f"rank {r}, {name}: {res[r][name].get('error')}\n{res[r][name].get('traceback', '')}"
+    return res[0][name], res[1][name]
+
+
+def _naive_multi(chunks, tau=0.4, symmetric=True, same_branch=False, frame="view2", head=None):
+    """Dense one-process L_equiv over several ranks' chunks ``(f1, f2, g, keys)`` (any grid per chunk), written from
+    the method's description: queries of direction 1 are view 2's tokens, their positives view 1's tokens moved
+    into view 2's frame; direction 2 swaps the roles on view 2's grid (frame="view2") or runs on view 1's grid with
+    view 2's map moved into view 1's frame (frame="view1"); negatives are all key tokens (and, with same_branch,
+    query-branch tokens) of every other image of every chunk; teacher keys replace the online keys."""
+    hd = (lambda z: z) if head is None else (lambda z: head(z.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+    seq = lambda z: z.flatten(2).transpose(1, 2).reshape(-1, z.shape[1])  # noqa: E731
+    dirs = {0: ([], [], [], [], []), 1: ([], [], [], [], [])}  # q, k, extra, q ids, extra ids
+    img = 0
+    for f1, f2, g, keys in chunks:
+        z1, z2 = hd(f1), hd(f2)
+        k1, k2 = (hd(keys[0]), hd(keys[1])) if keys is not None else (z1, z2)
+        s2, s1 = tuple(f2.shape[-2:]), tuple(f1.shape[-2:])
+        ids2 = torch.arange(img, img + f1.shape[0]).repeat_interleave(s2[0] * s2[1])
+        ids1 = torch.arange(img, img + f1.shape[0]).repeat_interleave(s1[0] * s1[1])
+        img += f1.shape[0]
+        d0 = (seq(z2), seq(rho(k1, g, size=s2)), seq(z2), ids2)
+        if frame == "view1":
+            d1 = (seq(z1), seq(rho(k2, g.inverse(), size=s1)), seq(z1), ids1)
+        else:
+            za = seq(rho(z1, g, size=s2))
+            d1 = (za, seq(k2), za, ids2)
+        for d, (q, k, e, ids) in ((0, d0), (1, d1)):
+            dirs[d][0].append(q)
+            dirs[d][1].append(k)
+            dirs[d][2].append(e)
+            dirs[d][3].append(ids)
+
+    def direction(d):
+        q, k, e = (torch.nn.functional.normalize(torch.cat(dirs[d][j]).double(), dim=-1) for j in range(3))
+        ids = torch.cat(dirs[d][3])
+        pos = (q * k).sum(-1) / tau
+        pool, pid = (torch.cat([k, e]), torch.cat([ids, ids])) if same_branch else (k, ids)
+        s = (q @ pool.t() / tau).masked_fill(ids[:, None] == pid[None, :], float("-inf"))
+        return (torch.logsumexp(torch.cat([pos[:, None], s], 1), 1) - pos).mean()
+
+    return 0.5 * (direction(0) + direction(1)) if symmetric else direction(0)
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "max_negatives"])
+def test_gathered_loss_and_gradients_equal_one_process(contract, variant):
+    """Every variant (teacher keys, same-branch negatives + head, one direction, the authors' frame under scale with a
+    different grid per rank): 2 ranks give the one-process loss on the global batch and its gradients."""
+    r0, r1 = _ok(contract, f"equiv_{variant}")
+    kw, _, _, with_head = VARIANTS[variant]
+    chunks = []
+    for r in (0, 1):
+        f1, f2, g, keys = variant_inputs(variant, r)
+        chunks.append((f1.double().requires_grad_(True), f2.double().requires_grad_(True), g, None if keys is None else (keys[0].double(), keys[1].double())))
+    head = contract_step.make_head().double() if with_head else None
+    ref = _naive_multi(chunks, symmetric=kw.get("symmetric", True), same_branch=kw.get("same_branch_negatives", False),
+                       frame=kw.get("scale_frame", "view2"), head=head)
+    ref.backward()
+    assert abs((r0["loss"] + r1["loss"]).item() / 2 - ref.item()) < 1e-5, (r0["loss"], r1["loss"], ref)
+    for r, res in ((0, r0), (1, r1)):
+        f1, f2 = chunks[r][:2]
+        # rank r's map gradient is world x (d global loss / d its maps): each rank's loss is world * its share
+        assert torch.allclose(res["g1"].double() / 2, f1.grad, atol=1e-6), (variant, r, (res["g1"] / 2 - f1.grad).abs().max())
+        assert torch.allclose(res["g2"].double() / 2, f2.grad, atol=1e-6), (variant, r, (res["g2"] / 2 - f2.grad).abs().max())
+    if with_head:
+        for n, p in head.named_parameters():
+            avg = (r0["head_grads"][n] + r1["head_grads"][n]).double() / 2  # DDP's averaging
+            assert torch.allclose(avg, p.grad, atol=1e-6), n
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_at_most_three_collectives_and_no_host_sync_per_gathered_step(contract, variant):
+    """Forward: one size exchange + one all-gather (both directions, keys and extras together); backward: one
+    reduce-scatter (none with teacher keys). The loss's own code reads nothing back to the host."""
+    for r, res in enumerate(_ok(contract, f"equiv_{variant}")):
+        fwd, bwd = res["coll_fwd"], res["coll_bwd"]
+        assert sum(fwd.values()) == 2 and sum(bwd.values()) == (0 if VARIANTS[variant][2] else 1), (variant, r, fwd, bwd)
+        assert set(bwd) <= {"reduce_scatter_single", "reduce_scatter_tensor"}, bwd
+        assert not res["syncs_fwd"] and not res["syncs_bwd"], (variant, r, res["sync_report"])
+
+
+def test_ser_handle_step_under_ddp_issues_at_most_three_collectives(contract):
+    r0, r1 = _ok(contract, "handle")
+    for res in (r0, r1):
+        assert sum(res["coll_fwd"].values()) + sum(res["coll_bwd"].values()) <= 3, (res["coll_fwd"], res["coll_bwd"])
+
+
+def test_rank_without_b2_images_does_not_hang_and_equals_one_process(contract):
+    r0, r1 = _ok(contract, "empty_rank")
+    assert r0["ser"].item() == 0.0 and torch.isfinite(r1["ser"])
+    model = contract_step.Patchify()
+    x = make_images(sum(contract_step.EMPTY_COUNTS), seed=30)
+    pair = make_pair(x[contract_step.EMPTY_COUNTS[0]:], seed=31)
+    f1, f2 = model(pair.x1), model(pair.x2)
+    loss = TokenInfoNCE()(f1, f2, pair.relative)
+    host = model(make_images(4, seed=32)).pow(2).mean()
+    (host + loss).backward()
+    assert _close((r0["ser"] + r1["ser"]) / 2, loss.detach())
+    for n, p in model.named_parameters():
+        assert _close(r0["grads"][n], p.grad) and _close(r1["grads"][n], p.grad), n
+
+
+def test_size_exchange_through_a_gloo_side_group_when_the_default_group_is_nccl(contract):
+    """With a device-only default group (NCCL, simulated) the shape integers go through a gloo group made once:
+    still 3 collectives, no host read, the same loss and gradients."""
+    d0, d1 = _ok(contract, "equiv_default")
+    for got, want in zip(_ok(contract, "side_group"), (d0, d1)):
+        assert got["uses_side_group"] and got["side_groups"] == 1
+        assert sum(got["coll_fwd"].values()) == 2 and sum(got["coll_bwd"].values()) == 1
+        assert not got["syncs_fwd"] and not got["syncs_bwd"], got["sync_report"]
+        assert torch.equal(got["loss"], want["loss"]) and torch.equal(got["g1"], want["g1"]) and torch.equal(got["g2"], want["g2"])
+
+
+def test_no_rank_with_b2_images_gives_zero(contract):
+    r0, r1 = _ok(contract, "all_empty")
+    assert r0["loss"].item() == 0.0 == r1["loss"].item() and r0["grad_shape"] == (0, 6, 3, 3)
+
+
+def test_logging_loss_on_one_rank_does_not_hang_or_change_the_step(contract):
+    r0, r1 = _ok(contract, "nograd_log")
+    assert r0["log_collectives"] == 0
+    assert torch.isfinite(r0["log_nograd"]) and torch.allclose(r0["log_nograd"], r0["log_nogather"])
+    chunks = []
+    for r in (0, 1):
+        f1, f2, g, _ = variant_inputs("default", r)
+        chunks.append((f1.double(), f2.double(), g, None))
+    ref = _naive_multi(chunks)
+    assert abs((r0["loss"] + r1["loss"]).item() / 2 - ref.item()) < 1e-5
+
+
+def test_nonfinite_map_on_another_rank_is_reported_as_such(contract):
+    r0, r1 = _ok(contract, "remote_nonfinite")
+    assert r0["message"] and "rank 1" in r0["message"] and "tau" not in r0["message"], r0["message"]
+    assert r1["message"] and "view 1" in r1["message"] and "NaN" in r1["message"], r1["message"]
+
+
+def test_fsdp2_fully_shard_equals_one_process(contract):
+    """FSDP2 (fully_shard per block and root, 2 gloo ranks on CPU) + SER handle: the one-process step on 8 images."""
+    r0, r1 = _ok(contract, "fsdp")
+    host, ser_loss, grads = _reference_wrapped()
+    assert _close((r0["ser"] + r1["ser"]) / 2, ser_loss)
+    assert _close((r0["host"] + r1["host"]) / 2, host)
+    _assert_same_grads(r0["grads"], grads, "FSDP2, rank 0")
+    _assert_same_grads(r1["grads"], grads, "FSDP2, rank 1")
+    assert sum(r0["coll_fwd"].values()) == 2, r0["coll_fwd"]
