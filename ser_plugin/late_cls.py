@@ -9,8 +9,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .capture import declared_prefix_tokens, find_blocks, iter_prefix_params, resolve_layer
 from .errors import SERError
+from .tap import TapHook
+from .vit import declared_prefix_tokens, find_blocks, iter_prefix_params, resolve_layer
 
 __all__ = ["LateCLS", "convert_late_cls"]
 
@@ -90,9 +91,15 @@ def convert_late_cls(
             f"reg_token/register_tokens, declared prefix count) ; {type(model).__name__} has prefix parameters "
             f"{[tuple(t.shape) for t in params]} and declares {p} prefix tokens. Use late_cls=False."
         )
+    if idx == len(blist) - 1:
+        raise SERError(
+            f"late_cls=True with layer {idx + 1} = the last block of {len(blist)}: [CLS] would be inserted after every block "
+            "and stay the constant cls_token parameter. Choose a layer below the last block (paper: about a third of the depth)."
+        )
+    # one hook type for all of ser_plugin; late [CLS] is part of the architecture, so copies of the model keep it
     handles = [
-        blist[0].register_forward_pre_hook(_StripPrefix(p)),
-        blist[idx].register_forward_hook(_InsertPrefix(params), prepend=_insert_prepend),
+        blist[0].register_forward_pre_hook(TapHook(_StripPrefix(p), "late_cls", survives_copy=True)),
+        blist[idx].register_forward_hook(TapHook(_InsertPrefix(params), "late_cls", survives_copy=True), prepend=_insert_prepend),
     ]
     return LateCLS(handles, idx + 1, p)
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +15,20 @@ from .loss import TokenHead, TokenInfoNCE
 from .views import ViewPair
 
 __all__ = ["SERLoss"]
+
+_FIELDS = frozenset(SERConfig.field_names())
+#: options that may change after construction (they take effect at the next call)
+SETTABLE = ("lam", "tau")
+
+
+def refuse_fixed_option(obj: Any, name: str, how: str) -> None:
+    """Raises SERError when ``name`` is a SERConfig field other than lam/tau set on a constructed ``obj``.
+
+    Raises:
+        SERError: the option cannot change after construction (naming how to get it instead).
+    """
+    if obj.__dict__.get("_ready") and name in _FIELDS and name not in SETTABLE:
+        raise SERError(f"{name} cannot change on a built {type(obj).__name__} (only {', '.join(SETTABLE)} can): " + how.format(name=name) + ".")
 
 
 class SERLoss(nn.Module):
@@ -65,6 +79,13 @@ class SERLoss(nn.Module):
             self.head = None
         self.where = "L_equiv"  # named in error messages; the handle sets "layer L"
         self.last_loss: Optional[Tensor] = None
+        #: device-side ``(all_ok, message)`` checks from the caller, verified with the finite check in one host sync
+        self.pending_checks: List[Tuple[Tensor, str]] = []
+        self._ready = True
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        refuse_fixed_option(self, name, "build a new SERLoss({name}=...)")
+        super().__setattr__(name, value)
 
     # ------------------------------------------------------------------ settable options
     @property
@@ -117,15 +138,26 @@ class SERLoss(nn.Module):
         if self.head is not None and isinstance(f1, Tensor) and isinstance(f2, Tensor):
             f1, f2, keys = self._match_head_dtype(f1, f2, keys)
         kw = {} if gather is None else {"gather": bool(gather)}
+        pending, self.pending_checks = self.pending_checks, []
         if self.config.lam == 0.0:
             with torch.no_grad():
                 self.last_loss = self.criterion(f1, f2, g, keys, self.head, **kw).detach()
+            self._verify(self.last_loss, f1, f2, keys, pending, finite=False)
             zero = f1.sum() * 0.0
             if self.head is not None:  # keep the head in the graph (DDP find_unused_parameters=False)
                 zero = zero + sum(p.sum() * 0.0 for p in self.head.parameters())
             return zero
         value = self.criterion(f1, f2, g, keys, self.head, **kw)
-        if self.config.check_finite and not bool(torch.isfinite(value)):
+        self._verify(value, f1, f2, keys, pending, finite=True)
+        self.last_loss = value.detach()
+        return self.config.lam * value
+
+    def _verify(self, value: Tensor, f1: Tensor, f2: Tensor, keys: Any, pending: List[Tuple[Tensor, str]], finite: bool) -> None:
+        """With ``check_finite``: a finite value and the caller's checks, in one host sync."""
+        if not self.config.check_finite or (not finite and not pending):
+            return
+        flags = torch.stack([torch.isfinite(value.detach()).reshape(())] + [ok.reshape(()).to(value.device) for ok, _ in pending]).tolist()
+        if finite and not flags[0]:
             maps = [("view 1", f1), ("view 2", f2)] + ([("teacher key 1", keys[0]), ("teacher key 2", keys[1])] if keys is not None else [])
             bad = [name for name, f in maps if not bool(torch.isfinite(f).all())]
             raise SERError(
@@ -133,8 +165,9 @@ class SERLoss(nn.Module):
                 + (f"non-finite values (NaN/Inf) in the {' and '.join(bad)} token map(s) {tuple(f1.shape)}; the encoder diverged or got bad input."
                    if bad else "the token maps are finite, so the similarities overflowed; check tau and the head.")
             )
-        self.last_loss = value.detach()
-        return self.config.lam * value
+        for ok, (_, message) in zip(flags[1:], pending):
+            if not ok:
+                raise SERError(message)
 
     def _match_head_dtype(self, f1: Tensor, f2: Tensor, keys: Any) -> Tuple[Tensor, Tensor, Any]:
         """Maps in the head's parameter dtype (fp16/bf16 models with an fp32 head, or the reverse), unless autocast runs."""
