@@ -16,20 +16,22 @@ from .vit import declared_prefix_tokens, find_blocks, iter_prefix_params, resolv
 __all__ = ["LateCLS", "convert_late_cls"]
 
 
-class _StripPrefix:
+class _StripPrefix(TapHook):
     """Forward pre-hook on block 1: drops the ``p`` prefix tokens the embedding put in front."""
 
     def __init__(self, p: int) -> None:
+        super().__init__(None, "late_cls", None, survives_copy=True)  # part of the architecture: copies keep it
         self.p = p
 
     def __call__(self, module: nn.Module, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
         return (args[0][:, self.p :],) + tuple(args[1:])
 
 
-class _InsertPrefix:
+class _InsertPrefix(TapHook):
     """Forward hook on block L: puts the raw prefix parameters back in front of the patch tokens."""
 
     def __init__(self, params: Sequence[nn.Parameter]) -> None:
+        super().__init__(None, "late_cls", None, survives_copy=True)
         self.params = list(params)
 
     def __call__(self, module: nn.Module, args: Tuple[Any, ...], output: Any) -> Any:
@@ -96,10 +98,9 @@ def convert_late_cls(
             f"late_cls=True with layer {idx + 1} = the last block of {len(blist)}: [CLS] would be inserted after every block "
             "and stay the constant cls_token parameter. Choose a layer below the last block (paper: about a third of the depth)."
         )
-    # one hook type for all of ser_plugin; late [CLS] is part of the architecture, so copies of the model keep it
     handles = [
-        blist[0].register_forward_pre_hook(TapHook(_StripPrefix(p), "late_cls", survives_copy=True)),
-        blist[idx].register_forward_hook(TapHook(_InsertPrefix(params), "late_cls", survives_copy=True), prepend=_insert_prepend),
+        blist[0].register_forward_pre_hook(_StripPrefix(p)),
+        blist[idx].register_forward_hook(_InsertPrefix(params), prepend=_insert_prepend),
     ]
     return LateCLS(handles, idx + 1, p)
 

@@ -46,14 +46,23 @@ class TapHook:
         return None if self.fn is None else self.fn(*args)
 
     def __deepcopy__(self, memo: Dict[int, Any]) -> TapHook:
-        if self.survives_copy:
-            return TapHook(copy.deepcopy(self.fn, memo), self.role, None, True)
-        return _InertHook(None, self.role)
+        if not self.survives_copy:
+            return _InertHook(None, self.role)
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
 
     def __reduce__(self) -> Tuple[Any, Tuple[Any, ...]]:
         if self.survives_copy:
-            return (TapHook, (self.fn, self.role, None, True))
+            return (_rebuild, (type(self), self.__dict__))
         return (_InertHook, (None, self.role))
+
+
+def _rebuild(cls: type, state: Dict[str, Any]) -> TapHook:
+    obj = cls.__new__(cls)
+    obj.__dict__.update(state)
+    return obj
 
 
 class _CaptureHook(TapHook):

@@ -204,6 +204,48 @@ def test_lightning_swa_callback_with_handle_on_module():
     assert module.ser.is_attached
 
 
+class _LitSER:
+    """A LightningModule holding the handle (built lazily: lightning is an optional extra)."""
+
+    @staticmethod
+    def make():
+        import lightning as L
+
+        class Module(L.LightningModule):
+            def __init__(self) -> None:
+                super().__init__()
+                self.backbone = make_vit(0)
+                self.ser = attach_ser(self.backbone, LAYER, photometric=None, head=True)
+
+            def training_step(self, batch, idx):
+                pair = self.ser.views(batch[0])
+                with self.ser.capture():
+                    a, b = self.backbone(pair.x1), self.backbone(pair.x2)
+                return (a - b).pow(2).mean() + self.ser.loss(pair)
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.01)
+
+        return Module
+
+
+def test_lightning_checkpoint_save_and_load(tmp_path):
+    import lightning as L
+
+    Module = _LitSER.make()
+    module = Module()
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(module, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(make_images(8, seed=3)), batch_size=4))
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = Module.load_from_checkpoint(path)
+    assert loaded.ser.is_attached and loaded.ser.model is loaded.backbone
+    assert torch.equal(loaded.ser.head.fc1.weight, module.ser.head.fc1.weight), "the token head is in the checkpoint"
+    pair = make_pair(make_images(4, seed=1), seed=2)
+    assert torch.allclose(correct_step(loaded.ser, loaded.backbone, pair), correct_step(module.ser, module.backbone, pair))
+
+
 def test_torch_save_whole_model_leaves_removable_inert_hooks():
     model = make_vit(0)
     ser = attach_ser(model, LAYER, photometric=None, late_cls=True)
