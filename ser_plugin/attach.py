@@ -20,12 +20,11 @@ from .config import NOT_CONFIG_OPTIONS, SERConfig
 from .errors import SERError
 from .late_cls import LateCLS, convert_late_cls
 from .objective import SERLoss, refuse_fixed_option
-from .tap import EarlyExit, LayerTap, _CaptureHook, _InertHook, live_taps, remove_tap_hooks
+from .tap import EarlyExit, LayerTap, live_taps, remove_tap_hooks
 from .views import EquivariantViews, ViewPair
 from .vit import ViTDescription, describe_vit, resolve_layer
 
 __all__ = ["SER", "attach_ser", "remove_ser", "build_config"]
-_EXPORTED_FOR_TESTS = (_CaptureHook, _InertHook)
 
 
 #: option values whose behaviour lands with another branch; refused until then (the lead lifts these guards at merge)

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ser_plugin import SERError, ViewPair, attach_ser, convert_late_cls, remove_ser
-from ser_plugin.attach import _InertHook
+from ser_plugin.tap import _InertHook
 
 
 class Grab:

@@ -19,7 +19,7 @@ import sys
 import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,6 +79,10 @@ class HandleMachine(RuleBasedStateMachine):
             return False, None
 
     # ------------------------------------------------------------------ rules
+    @initialize(late=st.booleans())
+    def start_attached(self, late):
+        self.ser, self.late = attach_ser(self.model, LAYER, photometric=None, late_cls=late), late
+
     @rule(late=st.booleans())
     def attach(self, late):
         ok, ser = self.call(lambda: attach_ser(self.model, LAYER, photometric=None, late_cls=late))
@@ -92,15 +96,13 @@ class HandleMachine(RuleBasedStateMachine):
         pair = self.ser.views(_X, generator=torch.Generator().manual_seed(seed))
         assert pair.x1.shape == _X.shape and len(pair.g1) == 4
 
-    @precondition(lambda self: self.attached())
-    @rule(fail=st.booleans(), passes=st.integers(0, 2), nested=st.booleans())
-    def capture(self, fail, passes, nested):
+    def _capture(self, passes: int, nested: bool, fail: bool) -> None:
         before = len(self.ser.captures)
 
         def step():
             with self.ser.capture():
-                for x in (_PAIR.x1, _PAIR.x2)[:passes]:
-                    if nested:
+                for i, x in enumerate((_PAIR.x1, _PAIR.x2)[:passes]):
+                    if nested and i == 0:  # an inner capture around the first pass only: the outer must stay armed
                         with self.ser.capture():
                             self.model(x)
                     else:
@@ -109,7 +111,22 @@ class HandleMachine(RuleBasedStateMachine):
                     raise Boom("simulated OOM")
 
         self.call(step, Boom)
-        assert len(self.ser.captures) == before + (0 if fail else passes)
+        assert len(self.ser.captures) == before + (0 if fail else passes), (passes, nested, fail, before, len(self.ser.captures))
+
+    @precondition(lambda self: self.attached())
+    @rule(nested=st.booleans())
+    def capture_both_views(self, nested):
+        self._capture(2, nested, fail=False)
+
+    @precondition(lambda self: self.attached())
+    @rule()
+    def capture_one_view(self):
+        self._capture(1, False, fail=False)  # leaves a stale capture: the next loss must refuse, then recover
+
+    @precondition(lambda self: self.attached())
+    @rule(passes=st.integers(0, 2), nested=st.booleans())
+    def capture_that_fails(self, passes, nested):
+        self._capture(passes, nested, fail=True)
 
     @rule()
     def forward_outside(self):
@@ -208,6 +225,6 @@ class HandleMachine(RuleBasedStateMachine):
         remove_ser(self.model)
 
 
-HandleMachine.TestCase.settings = settings(max_examples=15, stateful_step_count=12, deadline=None,
+HandleMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=25, deadline=None,
                                            suppress_health_check=list(HealthCheck))
 test_handle_state_machine = HandleMachine.TestCase
