@@ -9,6 +9,7 @@ a :class:`~ser_plugin.tap.LayerTap` (hooks, arming, early exit), the stateless
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -19,6 +20,7 @@ from .capture import InputInfo, check_pair, pairing_checks, split_captures, toke
 from .config import NOT_CONFIG_OPTIONS, SERConfig
 from .errors import SERError
 from .late_cls import LateCLS, convert_late_cls
+from .loss import TokenInfoNCE
 from .objective import SERLoss, refuse_fixed_option
 from .tap import EarlyExit, LayerTap, live_taps, remove_tap_hooks
 from .views import EquivariantViews, ViewPair
@@ -27,12 +29,21 @@ from .vit import ViTDescription, describe_vit, resolve_layer
 __all__ = ["SER", "attach_ser", "remove_ser", "build_config"]
 
 
-#: option values whose behaviour lands with another branch; refused until then (the lead lifts these guards at merge)
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
+    return name in inspect.signature(fn).parameters
+
+
+#: option values whose behaviour lands with another branch: refused until the component takes the keyword
 _NOT_YET = {
-    "pairing": ("independent",),
-    "image_interpolation": ("bilinear",),
-    "scale_frame": ("view2",),
+    "pairing": ("independent", lambda: _accepts(EquivariantViews.__init__, "pairing")),
+    "image_interpolation": ("bilinear", lambda: _accepts(EquivariantViews.__init__, "image_interpolation")),
+    "scale_frame": ("view2", lambda: _accepts(TokenInfoNCE.__init__, "scale_frame")),
 }
+
+
+def _view_options(cfg: SERConfig) -> Dict[str, Any]:
+    """The view keywords this build's EquivariantViews takes beyond the D4/scale/photometric ones."""
+    return {k: getattr(cfg, k) for k in ("pairing", "image_interpolation") if _accepts(EquivariantViews.__init__, k)}
 
 
 def build_config(layer: Any, config: Optional[SERConfig], preset: Optional[str], options: Dict[str, Any]) -> SERConfig:
@@ -56,9 +67,9 @@ def build_config(layer: Any, config: Optional[SERConfig], preset: Optional[str],
         cfg = cfg.replace(**options)
     if cfg.layer is None:
         raise SERError("no layer given: attach_ser(model, layer) or SERConfig(layer=...); layer L is the block whose output SER regularises (1..depth).")
-    for name, ok in _NOT_YET.items():
-        if getattr(cfg, name) not in ok:
-            raise SERError(f"{name}={getattr(cfg, name)!r} is not implemented in this build (available: {', '.join(map(repr, ok))}).")
+    for name, (default, available) in _NOT_YET.items():
+        if getattr(cfg, name) != default and not available():
+            raise SERError(f"{name}={getattr(cfg, name)!r} is not implemented in this build (available: {default!r}).")
     if cfg.photometric == "authors":
         raise SERError("photometric='authors' is not implemented in this build (available: 'mocov3', None or a pair of callables).")
     return cfg
@@ -142,7 +153,7 @@ class SER(nn.Module):
         self.__dict__["objective"] = objective  # not a submodule: the head is registered once, as ser.head
         self.head: Optional[nn.Module] = objective.head
         psz = vit.patch_size[0] if vit.patch_size is not None else 1
-        self.view_policy = EquivariantViews(psz, cfg.rotations, cfg.flips, cfg.scale, cfg.ratio, cfg.photometric, cfg.mean, cfg.std)
+        self.view_policy = EquivariantViews(psz, cfg.rotations, cfg.flips, cfg.scale, cfg.ratio, cfg.photometric, cfg.mean, cfg.std, **_view_options(cfg))
         self._late: Optional[LateCLS] = None
         self._tap: Optional[LayerTap] = LayerTap(model, {self._layer: vit.blocks[index]}, self._to_map, owner=self)
         if cfg.late_cls:  # registered after the tap, so the capture sees block L's patch tokens before [CLS] returns

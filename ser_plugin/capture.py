@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from einops import rearrange
@@ -103,18 +104,22 @@ def input_address(x: Tensor) -> Optional[int]:
 
 
 def _fingerprint(x: Tensor) -> Tensor:
-    """``(B, C, K)`` fp32 subsample of ``x`` (``K <= 64``), NaN/Inf zeroed; no copy of the images is kept."""
+    """``(B, C, K)`` fp32 subsample of ``x`` (``K <= 64``), NaN/Inf zeroed."""
     sh, sw = max(1, x.shape[-2] // _FP_SIDE), max(1, x.shape[-1] // _FP_SIDE)
     return torch.nan_to_num(x.detach()[..., ::sh, ::sw].float(), 0.0, 0.0, 0.0).flatten(2)
 
 
 @dataclass
 class InputInfo:
-    """What a recorded forward pass ran on: spatial size, data address and a fingerprint (None when unknown)."""
+    """What a recorded forward pass ran on: spatial size, data address and a weak reference to the input.
+
+    The weak reference keeps no memory: while the captured map's autograd graph lives, the patch embedding
+    keeps its input alive anyway; once it is gone (or the pass ran without autograd) the content check is skipped.
+    """
 
     hw: Tuple[int, int]
     ptr: Optional[int] = None
-    fingerprint: Optional[Tensor] = None
+    source: Optional[Callable[[], Optional[Tensor]]] = None
 
 
 def inspect_input(args: Tuple[Any, ...], kwargs: Dict[str, Any], fingerprint: bool) -> Optional[InputInfo]:
@@ -131,8 +136,8 @@ def inspect_input(args: Tuple[Any, ...], kwargs: Dict[str, Any], fingerprint: bo
     x = next((v for v in list(args) + list(kwargs.values()) if isinstance(v, Tensor) and v.dim() == 4), None)
     if x is None:
         return None
-    fp = _fingerprint(x) if fingerprint and not compiling() and x.is_floating_point() else None
-    return InputInfo((int(x.shape[-2]), int(x.shape[-1])), input_address(x), fp)
+    source = weakref.ref(x) if fingerprint and not compiling() and type(x) is torch.Tensor else None
+    return InputInfo((int(x.shape[-2]), int(x.shape[-1])), input_address(x), source)
 
 
 def _refuse_mask(what: str) -> None:
@@ -200,9 +205,10 @@ def _correlation(a: Tensor, b: Tensor) -> Tensor:
 def pairing_checks(pair: ViewPair, views: Sequence[Tuple[Optional[InputInfo], slice]], layer: int) -> List[Tuple[Tensor, str]]:
     """Device-side checks that the captured passes ran on ``pair.x1`` / ``pair.x2`` (checked later in one sync).
 
-    Swapped views are refused at once (input addresses). Then, per view, the input fingerprint recorded at
-    capture is compared with the view's: a pass on other images of the same shape — a stale batch, the host's
-    own views — fails, a normalised or dtype-converted view passes.
+    Swapped views are refused at once (input addresses). Then, per view, an 8x8 subsample of the input the
+    pass ran on (still alive through the capture's autograd graph) is correlated with the view's: a pass on
+    other images of the same shape — a stale batch, the host's own views — fails, a normalised or
+    dtype-converted view passes. Passes whose input is gone (no autograd) are not checked.
 
     Returns:
         ``[(all_ok_flag, message), ...]`` to be checked by :class:`~ser_plugin.objective.SERLoss`.
@@ -219,9 +225,10 @@ def pairing_checks(pair: ViewPair, views: Sequence[Tuple[Optional[InputInfo], sl
         )
     out = []
     for name, x, (info, rows) in (("pair.x1", pair.x1, (i1, s1)), ("pair.x2", pair.x2, (i2, s2))):
-        if info is None or info.fingerprint is None or info.hw != tuple(x.shape[-2:]) or compiling():
+        seen = info.source() if info is not None and info.source is not None else None
+        if seen is None or info.hw != tuple(x.shape[-2:]) or compiling():  # type: ignore[union-attr]
             continue
-        fp = info.fingerprint[rows]
+        fp = _fingerprint(seen[rows])
         ref = _fingerprint(x)
         if fp.shape != ref.shape:
             continue

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, List, Optional, Tuple, Union
 
 import torch
@@ -66,6 +67,8 @@ class SERLoss(nn.Module):
         cfg = (config or SERConfig()).replace(**options) if options else (config or SERConfig())
         self.config = cfg
         kw = dict(scale_frame=cfg.scale_frame) if cfg.scale_frame != "view2" else {}
+        if kw and "scale_frame" not in inspect.signature(TokenInfoNCE.__init__).parameters:
+            raise SERError(f"scale_frame={cfg.scale_frame!r} is not implemented in this build (available: 'view2').")
         self.criterion = TokenInfoNCE(
             cfg.tau, cfg.symmetric, cfg.same_branch_negatives, cfg.max_negatives, cfg.gather, cfg.interpolation, cfg.chunk_elements, **kw
         )
@@ -138,6 +141,8 @@ class SERLoss(nn.Module):
         if self.head is not None and isinstance(f1, Tensor) and isinstance(f2, Tensor):
             f1, f2, keys = self._match_head_dtype(f1, f2, keys)
         kw = {} if gather is None else {"gather": bool(gather)}
+        if kw and "gather" not in inspect.signature(TokenInfoNCE.forward).parameters:
+            raise SERError("a per-call gather= is not implemented in this build; set SERConfig.gather instead.")
         pending, self.pending_checks = self.pending_checks, []
         if self.config.lam == 0.0:
             with torch.no_grad():

@@ -7,6 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ser_plugin import PRESETS, EquivariantViews, SERConfig, SERError, SERLoss, TokenHead, TokenInfoNCE, attach_ser
 from ser_plugin.config import NOT_CONFIG_OPTIONS
@@ -201,3 +203,32 @@ def test_handle_lam_tau_setters_take_effect(tiny_vit):
     with pytest.raises(SERError, match="tau"):
         ser.tau = 0
     ser.remove()
+
+
+@pytest.mark.parametrize("kw", [dict(pairing="no_identity"), dict(image_interpolation="bicubic"), dict(scale_frame="view1"),
+                                dict(photometric="authors"), dict(preset="authors")])
+def test_values_of_other_branches_refused_until_implemented(tiny_vit, kw):
+    """Values whose behaviour lives in views.py/loss.py: a clear SERError in a build without it, never a raw error."""
+    try:
+        ser = attach_ser(tiny_vit, 1, **kw)
+    except SERError as e:
+        assert "not implemented in this build" in str(e) or "scale views need" in str(e) or "late_cls" in str(e), str(e)
+        assert not [h for m in tiny_vit.modules() for h in m._forward_hooks.values()], "a refused attach left a hook"
+        return
+    ser.remove()
+
+
+_ANY = st.one_of(st.none(), st.booleans(), st.integers(-3, 10), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
+                 st.tuples(st.floats(-1, 3), st.floats(-1, 3)), st.lists(st.floats(-1, 2), max_size=4), st.sampled_from(
+                     ["auto", "mocov3", "authors", "bicubic", "view1", "no_identity", (0.7, 1.3)]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(name=st.sampled_from(SERConfig.field_names()), value=_ANY)
+def test_any_value_is_a_valid_config_or_a_named_serror(name, value):
+    try:
+        cfg = SERConfig(**{name: value})
+    except SERError as e:
+        assert name in str(e), f"the error does not name the field {name}: {e}"
+        return
+    assert dataclasses.replace(cfg) == cfg  # a valid config survives re-validation unchanged
