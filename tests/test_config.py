@@ -232,3 +232,19 @@ def test_any_value_is_a_valid_config_or_a_named_serror(name, value):
         assert name in str(e), f"the error does not name the field {name}: {e}"
         return
     assert dataclasses.replace(cfg) == cfg  # a valid config survives re-validation unchanged
+
+
+def test_serloss_fed_by_timm_forward_intermediates_equals_the_handle(tiny_vit):
+    """The stateless entry point: maps from timm's forward_intermediates give the handle's loss exactly."""
+    from ser_plugin import EquivariantViews
+
+    ser = attach_ser(tiny_vit, 2, photometric=None, head=True)
+    pair = EquivariantViews(patch_size=4, photometric=None)(torch.rand(4, 3, 16, 16), generator=torch.Generator().manual_seed(3))
+    with ser.capture():
+        tiny_vit(pair.x1), tiny_vit(pair.x2)
+    ref = ser.loss(pair)
+    crit = SERLoss(ser.config, dim=32)
+    crit.head.load_state_dict(ser.head.state_dict())
+    f1, f2 = (tiny_vit.forward_intermediates(x, indices=[1], intermediates_only=True, output_fmt="NCHW")[0] for x in (pair.x1, pair.x2))
+    assert torch.allclose(crit(f1, f2, pair), ref, atol=1e-6)
+    ser.remove()
