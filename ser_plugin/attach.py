@@ -1,95 +1,132 @@
-"""attach_ser: one call that hooks a ViT's block L and returns the SER handle."""
+"""attach_ser: one call that hooks a ViT's block L and returns the SER handle.
+
+The handle is a thin composition of visible parts: the resolved :class:`~ser_plugin.vit.ViTDescription`,
+a :class:`~ser_plugin.tap.LayerTap` (hooks, arming, early exit), the stateless
+:class:`~ser_plugin.objective.SERLoss`, the :class:`~ser_plugin.views.EquivariantViews` policy and, with
+``late_cls=True``, a :class:`~ser_plugin.late_cls.LateCLS` conversion; all options in one :class:`SERConfig`.
+"""
 
 from __future__ import annotations
 
-import math
+import dataclasses
+import inspect
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from .capture import (
-    InputSizeRecorder,
-    block_tokens,
-    compiling,
-    declared_prefix_tokens,
-    detect_patch_size,
-    find_blocks,
-    input_address,
-    is_compiled,
-    model_roots,
-    resolve_layer,
-    tokens_to_map,
-)
+from .capture import InputInfo, check_pair, pairing_checks, split_captures, tokens_to_map
+from .config import NOT_CONFIG_OPTIONS, SERConfig
 from .errors import SERError
 from .late_cls import LateCLS, convert_late_cls
-from .loss import DEFAULT_CHUNK_ELEMENTS, TokenHead, TokenInfoNCE
+from .loss import TokenInfoNCE
+from .objective import SERLoss, refuse_fixed_option
+from .tap import EarlyExit, LayerTap, live_taps, remove_tap_hooks
 from .views import EquivariantViews, ViewPair
+from .vit import ViTDescription, describe_vit, resolve_layer
 
-__all__ = ["SER", "attach_ser", "remove_ser"]
-
-class _EarlyExit(Exception):
-    """Raised by the hook after block L in :meth:`SER.encode`, to skip the blocks above L."""
+__all__ = ["SER", "attach_ser", "remove_ser", "build_config"]
 
 
-class _InertHook:
-    """What a capture hook becomes in a deep copy (or pickle) of the hooked model: it records nothing."""
-
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
-        return None
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
+    return name in inspect.signature(fn).parameters
 
 
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass: checkpoint recomputation re-runs block L there, not a new view."""
-    return torch._C._current_graph_task_id() != -1
+#: option values whose behaviour lands with another branch: refused until the component takes the keyword
+_NOT_YET = {
+    "pairing": ("independent", lambda: _accepts(EquivariantViews.__init__, "pairing")),
+    "image_interpolation": ("bilinear", lambda: _accepts(EquivariantViews.__init__, "image_interpolation")),
+    "scale_frame": ("view2", lambda: _accepts(TokenInfoNCE.__init__, "scale_frame")),
+}
 
 
-class _CaptureHook:
-    """Forward hook on block L. Holds its SER handle and records only while the handle is armed.
+def _view_options(cfg: SERConfig) -> Dict[str, Any]:
+    """The view keywords this build's EquivariantViews takes beyond the D4/scale/photometric ones."""
+    return {k: getattr(cfg, k) for k in ("pairing", "image_interpolation") if _accepts(EquivariantViews.__init__, k)}
 
-    ``copy.deepcopy(model)`` (teachers built as copies) turns it into an :class:`_InertHook`, so the copy can
-    never write into the original's captures; attach a separate SER to the copy if it needs one.
+
+def build_config(layer: Any, config: Optional[SERConfig], preset: Optional[str], options: Dict[str, Any]) -> SERConfig:
+    """The handle's SERConfig: ``preset`` (if any), then ``config`` (if any), then ``options`` and ``layer``.
+
+    Raises:
+        SERError: an unknown option (listing the valid ones), a bad value, no layer, or an option value not
+            implemented in this build.
     """
+    SERConfig.check_names(options, also=NOT_CONFIG_OPTIONS)
+    if config is not None and not isinstance(config, SERConfig):
+        raise SERError(f"config must be a SERConfig, got {type(config).__name__}; build one with SERConfig(...) or pass options as keywords.")
+    if preset is not None:
+        if config is not None:
+            raise SERError("give either config= or preset=, not both (SERConfig.preset(name, **overrides) combines them).")
+        config = SERConfig.preset(preset)
+    cfg = config if config is not None else SERConfig()
+    if layer is not None:
+        options = {**options, "layer": layer}
+    if options:
+        cfg = cfg.replace(**options)
+    if cfg.layer is None:
+        raise SERError("no layer given: attach_ser(model, layer) or SERConfig(layer=...); layer L is the block whose output SER regularises (1..depth).")
+    for name, (default, available) in _NOT_YET.items():
+        if getattr(cfg, name) != default and not available():
+            raise SERError(f"{name}={getattr(cfg, name)!r} is not implemented in this build (available: {default!r}).")
+    if cfg.photometric == "authors":
+        raise SERError("photometric='authors' is not implemented in this build (available: 'mocov3', None or a pair of callables).")
+    return cfg
 
-    def __init__(self, owner: SER) -> None:
-        self.owner = owner
 
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
-        owner = self.owner
-        if owner._armed and module is owner._block and not _in_backward():
-            owner._record(output)
+def _refuse_impossible(cfg: SERConfig, vit: ViTDescription, index: int, forward: Any, model: nn.Module) -> None:
+    """Option combinations that cannot train, refused before any hook is registered."""
+    name = type(model).__name__
+    if cfg.late_cls and index == vit.depth - 1:
+        raise SERError(
+            f"late_cls=True with layer {index + 1} = the last block of {vit.depth}: [CLS] would join after the last block and stay "
+            "the constant cls_token parameter. Choose a layer below the last block (paper: about a third of the depth) or late_cls=False."
+        )
+    if cfg.mean is not None and vit.in_chans is not None and len(cfg.mean) != vit.in_chans:
+        raise SERError(f"mean/std have {len(cfg.mean)} channels but {name} takes {vit.in_chans}-channel images; give one value per channel.")
+    if not cfg.rotations and not cfg.flips and cfg.scale is None and cfg.photometric is None:
+        raise SERError("rotations=False, flips=False, scale=None and photometric=None make the two views identical: L_equiv has nothing to align. Enable rotations/flips (or scale, or photometrics).")
+    if forward is not None and not callable(forward):
+        raise SERError(f"forward must be a callable (model, x) -> Any, e.g. lambda m, x: m(pixel_values=x); got {forward!r}.")
+    if cfg.scale is not None and not vit.accepts_other_sizes:
+        raise SERError(
+            f"scale views need a ViT that accepts other input sizes; {name} does not (fixed position embedding). Enable it "
+            "(timm: create_model(..., dynamic_img_size=True); HF: call with interpolate_pos_encoding=True) or use D4 only: scale=None."
+        )
+    if cfg.head is True and vit.width is None:
+        raise SERError("head=True needs the token width, which could not be detected; pass head=TokenHead(dim) yourself.")
 
-    def __deepcopy__(self, memo: Dict[int, Any]) -> _InertHook:
-        return _InertHook()
 
-    def __reduce__(self) -> Tuple[Any, Tuple[()]]:
-        return (_InertHook, ())
+def _target_model(model: Any) -> nn.Module:
+    """The module to hook: DDP unwrapped (its hooks fire when the wrapper is called); not one SER already hooks."""
+    if not isinstance(model, nn.Module):
+        raise SERError(f"attach_ser needs an nn.Module, got {type(model).__name__}.")
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    for tap in live_taps(model):
+        raise SERError(f"SER is already attached to this {type(model).__name__} (layer {tap.owner.layer}); call .remove() on that handle "
+                       "first (or ser_plugin.remove_ser(model) if the handle is lost).")
+    return model
 
 
-def _attached_handles(model: nn.Module) -> List[SER]:
-    """The live SER handles whose capture hooks sit anywhere in ``model``."""
-    owners = {id(h.owner): h.owner for m in model.modules() for h in m._forward_hooks.values() if isinstance(h, _CaptureHook)}
-    return [o for o in owners.values() if o.is_attached]
+def _objective_option(name: str) -> property:
+    def get(self: SER) -> float:
+        return getattr(self.objective, name)
 
+    def set(self: SER, value: Any) -> None:
+        setattr(self.objective, name, value)  # validated by SERConfig; effective at the next loss
+        self.__dict__["config"] = self.objective.config
 
-def _accepts_other_sizes(model: nn.Module) -> bool:
-    for root in model_roots(model):
-        if getattr(root, "dynamic_img_size", False):  # timm
-            return True
-        if callable(getattr(root, "interpolate_pos_encoding", None)):  # DINO, DINOv2
-            return True
-        if callable(getattr(getattr(root, "embeddings", None), "interpolate_pos_encoding", None)):  # HF (forward needs the flag)
-            return True
-    return False
+    return property(get, set, doc=f"{name}: settable (validated, effective at the next loss).")
 
 
 class SER(nn.Module):
-    """Handle returned by :func:`attach_ser`.
+    """Handle returned by :func:`attach_ser`: the hooked layer, the views, the loss.
 
-    It is an ``nn.Module`` holding only SER's own parameters (the optional token head), so
-    ``ser.parameters()`` go to the optimizer and ``ser.to(device)`` moves them; the hooked model is *not*
-    registered under it (and nothing is registered under the model).
+    An ``nn.Module`` holding only SER's own parameters (the optional token head, ``ser.head``) and the view
+    policy; the hooked model is not registered under it. Copies and pickles of the handle are detached
+    (``is_attached`` False; every call says to attach again). Only ``lam`` and ``tau`` can change after attach.
 
     Typical step::
 
@@ -97,296 +134,133 @@ class SER(nn.Module):
         with ser.capture():                      # only these forward passes are recorded
             out1, out2 = model(pair.x1), model(pair.x2)
         loss = ssl_loss(out1, out2) + ser.loss(pair)
-
-    or, when the host's SSL loss should not see the views, ``loss = ssl_loss + ser.forward_loss(pair)``
-    (runs the encoder itself and stops after block L).
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        layer: int,
-        *,
-        lam: float = 1.0,
-        tau: float = 0.4,
-        blocks: Union[None, str, Sequence[nn.Module]] = None,
-        patch_size: Optional[int] = None,
-        num_prefix_tokens: Optional[int] = None,
-        head: Union[bool, nn.Module] = False,
-        head_dims: Tuple[int, int] = (512, 512),
-        symmetric: bool = True,
-        same_branch_negatives: bool = False,
-        max_negatives: Optional[int] = None,
-        gather: Union[str, bool] = "auto",
-        interpolation: str = "bilinear",
-        scale: Optional[Tuple[float, float]] = None,
-        rotations: bool = True,
-        flips: bool = True,
-        photometric: Any = "mocov3",
-        mean: Optional[Sequence[float]] = None,
-        std: Optional[Sequence[float]] = None,
-        late_cls: bool = False,
-        forward: Optional[Callable[[nn.Module, Tensor], Any]] = None,
-        check_finite: bool = True,
-        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-    ) -> None:
+    def __init__(self, model: nn.Module, layer: Optional[int] = None, *, config: Optional[SERConfig] = None,
+                 blocks: Union[None, str, Sequence[nn.Module]] = None, patch_size: Optional[int] = None,
+                 num_prefix_tokens: Optional[int] = None, forward: Optional[Callable[[nn.Module, Tensor], Any]] = None,
+                 preset: Optional[str] = None, **options: Any) -> None:
         super().__init__()
-        if not isinstance(model, nn.Module):
-            raise SERError(f"attach_ser needs an nn.Module, got {type(model).__name__}.")
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module  # hook the wrapped model: its hooks fire when the wrapper is called
-        if is_compiled(model):
-            raise SERError(
-                "the model is already compiled (torch.compile): hooks registered after compiling are silently "
-                "ignored (pytorch#117758). Attach SER first, then compile: ser = attach_ser(model, L); model = torch.compile(model)."
-            )
-        for owner in _attached_handles(model):
-            raise SERError(
-                f"SER is already attached to this {type(model).__name__} (layer {owner.layer}); call .remove() on that handle first "
-                "(or ser_plugin.remove_ser(model) if the handle is lost)."
-            )
-        if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
-            raise SERError(f"lam must be a finite number >= 0, got {lam!r}.")
-        blist = find_blocks(model, blocks)
-        self.depth = len(blist)
-        self.layer = resolve_layer(layer, self.depth) + 1
-        self.lam = float(lam)
-        object.__setattr__(self, "_model", model)  # not a submodule
-        object.__setattr__(self, "_block", blist[self.layer - 1])
-        detected = detect_patch_size(model)
-        if patch_size is not None and (isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1):
-            raise SERError(f"patch_size must be a positive int, got {patch_size!r}.")
-        if isinstance(patch_size, int) and detected is not None and detected != (patch_size, patch_size):
-            raise SERError(f"patch_size={patch_size} but {type(model).__name__}'s patch embedding uses {detected}; drop patch_size= (it is detected).")
-        self.patch_size: Optional[Tuple[int, int]] = (patch_size, patch_size) if isinstance(patch_size, int) else detected
-        declared = declared_prefix_tokens(model) if num_prefix_tokens is None else int(num_prefix_tokens)
-        if scale is not None and not _accepts_other_sizes(model):
-            raise SERError(
-                f"scale views need a ViT that accepts other input sizes; {type(model).__name__} does not (fixed position "
-                "embedding). Enable it (timm: create_model(..., dynamic_img_size=True); HF: call with "
-                "interpolate_pos_encoding=True) or use D4 only: scale=None."
-            )
+        cfg = build_config(layer, config, preset, options)
+        model = _target_model(model)
+        vit = describe_vit(model, blocks, patch_size, num_prefix_tokens)
+        index = resolve_layer(cfg.layer, vit.depth)
+        _refuse_impossible(cfg, vit, index, forward, model)
+        self.config, self.vit, self._layer, self._forward = cfg, vit, index + 1, forward
+        self.__dict__["_model"] = model  # not a submodule: ser.parameters() are SER's own
+        objective = SERLoss(cfg, dim=vit.width)
+        objective.where = f"layer {self._layer}"
+        self.__dict__["objective"] = objective  # not a submodule: the head is registered once, as ser.head
+        self.head: Optional[nn.Module] = objective.head
+        psz = vit.patch_size[0] if vit.patch_size is not None else 1
+        self.view_policy = EquivariantViews(psz, cfg.rotations, cfg.flips, cfg.scale, cfg.ratio, cfg.photometric, cfg.mean, cfg.std, **_view_options(cfg))
         self._late: Optional[LateCLS] = None
-        self._forward = forward
-        self.check_finite = check_finite
-        self._armed = False
-        self._early_exit = False
-        self._grad_at_arm = False
-        self._captures: List[Tensor] = []
-        self.last_loss: Optional[Tensor] = None
-        self.criterion = TokenInfoNCE(tau, symmetric, same_branch_negatives, max_negatives, gather, interpolation, chunk_elements)
-        dim = self._embed_dim(model)
-        if head is True:
-            if dim is None:
-                raise SERError("head=True needs the token width; pass head=TokenHead(dim) yourself.")
-            self.head: Optional[nn.Module] = TokenHead(dim, head_dims[0], head_dims[1])
-        elif isinstance(head, nn.Module):
-            self.head = head
-        else:
-            self.head = None
-        psz = self.patch_size[0] if self.patch_size is not None else None
-        self.view_policy = EquivariantViews(
-            patch_size=psz or 1, rotations=rotations, flips=flips, scale=scale, photometric=photometric, mean=mean, std=std
-        )
-        self._recorder = InputSizeRecorder()
-        self._handles = [
-            model.register_forward_pre_hook(self._recorder, with_kwargs=True),
-            self._block.register_forward_hook(_CaptureHook(self)),
-        ]
-        self._prefix = declared
-        if late_cls:
-            # registered after the capture hook, so the capture sees block L's patch tokens before [CLS] returns
-            self._late = convert_late_cls(model, self.layer, blocks)
-            self._prefix = 0
+        self._tap: Optional[LayerTap] = LayerTap(model, {self._layer: vit.blocks[index]}, self._to_map, owner=self)
+        if cfg.late_cls:  # registered after the tap, so the capture sees block L's patch tokens before [CLS] returns
+            try:
+                self._late = convert_late_cls(model, self._layer, list(vit.blocks))
+            except SERError:
+                self._tap.remove()
+                raise
+        self._ready = True
 
-    # ------------------------------------------------------------------ properties
-    @property
-    def model(self) -> nn.Module:
-        return self._model
+    # ------------------------------------------------------------------ description
+    model = property(lambda self: self._model, doc="The hooked model (None in a detached copy).")
+    layer = property(lambda self: self._layer, doc="L, the hooked block (1..depth).")
+    depth = property(lambda self: self.vit.depth, doc="Number of blocks.")
+    patch_size = property(lambda self: self.vit.patch_size, doc="(ph, pw) or None.")
+    _prefix = property(lambda self: 0 if self.config.late_cls else self.vit.num_prefix_tokens)
+    _block = property(lambda self: self.vit.blocks[self._layer - 1])
+    _captures = property(lambda self: self._live().records)
+    is_attached = property(lambda self: self._tap is not None and self._tap.is_live, doc="True while the hooks are live.")
+    criterion = property(lambda self: self.objective.criterion, doc="The TokenInfoNCE inside the objective.")
+    last_loss = property(lambda self: self.objective.last_loss, doc="Last unweighted L_equiv (detached).")
 
-    @property
-    def is_attached(self) -> bool:
-        return bool(self._handles)
+    def _to_map(self, tokens: Tensor, info: Optional[InputInfo], layer: int) -> Tensor:
+        return tokens_to_map(tokens, info.hw if info is not None else None, self.vit.patch_size, self._prefix, layer)[0]
 
-    @staticmethod
-    def _embed_dim(model: nn.Module) -> Optional[int]:
-        for root in model_roots(model):
-            for attr in ("embed_dim", "hidden_dim", "num_features"):
-                v = getattr(root, attr, None)
-                if isinstance(v, int):
-                    return v
-            v = getattr(getattr(root, "config", None), "hidden_size", None)
-            if isinstance(v, int):
-                return v
-        return None
+    def _live(self) -> LayerTap:
+        if not self.is_attached:
+            raise SERError("this SER handle is not attached: it was removed, or it is a copy or came out of a pickle (copies never "
+                           "record): attach again with attach_ser(model, layer).")
+        return self._tap  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ capture
-    def _record(self, output: Any) -> None:
-        tokens = block_tokens(output)
-        if self._grad_at_arm and not torch.is_grad_enabled() and any(p.requires_grad for p in self._block.parameters()):
-            raise SERError(
-                f"layer {self.layer} ran without autograd inside an armed capture, so L_equiv would send it no gradient. Either "
-                "the pass ran under torch.no_grad() (run both SER views with gradient; put teacher/target passes outside "
-                "`with ser.capture()` and give them as ser.loss(pair, keys=...)), or reentrant gradient checkpointing "
-                "(torch.utils.checkpoint with use_reentrant=True, timm < 1.0.13) hid the tokens' graph: use non-reentrant "
-                "checkpointing (use_reentrant=False, timm >= 1.0.13) or disable it."
-            )
-        fmap, _ = tokens_to_map(tokens, self._recorder.hw, self.patch_size, self._prefix, self.layer)
-        if self._recorder.ptr is not None and not compiling():
-            fmap._ser_input_ptr = self._recorder.ptr  # type: ignore[attr-defined]  # checked in _pair_maps
-        self._captures.append(fmap)
-        if self._early_exit:
-            raise _EarlyExit()
-
     @contextmanager
     def capture(self) -> Iterator[SER]:
-        """Arms the hook: every forward pass of the model inside the block records layer L's token map."""
-        self._check_attached()
-        self._armed, self._grad_at_arm = True, torch.is_grad_enabled()
-        try:
+        """Arms the hook: every forward pass of the model inside the block records layer L's map. Nests; an exception
+        inside drops the block's records; ``encode``/``forward_loss``/``equivariance_score`` inside add none."""
+        with self._live().armed("capture"):
             yield self
-        finally:
-            self._armed = False
+
+    captures = property(lambda self: list(self._tap.records) if self.is_attached else [], doc="The recorded (B, C, h, w) maps, in order (a copy).")
 
     def clear(self) -> None:
-        """Drops recorded token maps (e.g. after an exception between capture and loss)."""
-        self._captures = []
-
-    @property
-    def captures(self) -> List[Tensor]:
-        return list(self._captures)
+        """Drops recorded maps (e.g. after slicing them out of ``captures``)."""
+        if self._tap is not None:
+            self._tap.clear()
 
     def encode(self, x: Tensor) -> Tensor:
         """Layer L's token map ``(B, C, h, w)`` of ``x``; the forward stops right after block L."""
-        self._check_attached()
-        before = len(self._captures)
-        self._armed, self._early_exit, self._grad_at_arm = True, True, torch.is_grad_enabled()
-        try:
-            if self._forward is not None:
-                self._forward(self._model, x)
-            else:
-                self._model(x)
-        except _EarlyExit:
-            pass
-        finally:
-            self._armed, self._early_exit = False, False
-        if len(self._captures) != before + 1:
-            raise SERError(
-                f"the forward pass recorded {len(self._captures) - before} maps at layer {self.layer} (expected 1); "
-                "if the model was compiled after attaching, hooks may be bypassed; if the forward needs extra "
-                "arguments, pass forward=lambda model, x: ... to attach_ser."
-            )
-        return self._captures.pop()
+        out: List[Tensor] = []
+        with self._live().armed("collect", sink=out, early_exit=True):
+            try:
+                self._forward(self._model, x) if self._forward is not None else self._model(x)
+            except EarlyExit:
+                pass
+        if len(out) != 1:
+            raise SERError(f"the forward pass recorded {len(out)} maps at layer {self.layer} (expected 1); if the model was compiled after "
+                           "attaching, hooks may be bypassed; if the forward needs extra arguments, pass forward=lambda model, x: ... to attach_ser.")
+        return out[0]
 
     # ------------------------------------------------------------------ views and loss
     def views(self, x: Tensor, generator: Optional[torch.Generator] = None) -> ViewPair:
-        """Two equivariant views of ``x`` (images in [0, 1], n ≥ 2) and their elements; see :class:`EquivariantViews`."""
+        """Two equivariant views of ``x`` and their elements; see :class:`EquivariantViews`."""
         self.view_policy.to(x.device)
         return self.view_policy(x, generator=generator)
 
-    def _pair_maps(self, pair: Optional[ViewPair]) -> Tuple[Tensor, Tensor]:
-        """Consumes the captures as (view 1, view 2) maps and checks them against ``pair``."""
-        caps, self._captures = self._captures, []
-        shapes = [tuple(c.shape) for c in caps]
-        n = len(pair.g1) if pair is not None else None
-        if len(caps) == 2:
-            f1, f2 = caps
-        elif len(caps) == 1 and caps[0].shape[0] % 2 == 0 and (n is None or caps[0].shape[0] == 2 * n):
-            f1, f2 = caps[0].chunk(2)
-        else:
-            raise SERError(
-                f"ser.loss() needs layer {self.layer}'s maps of the two views: 2 captures (view 1 then view 2) or one "
-                f"capture of both concatenated; got {len(caps)} capture(s) with shapes {shapes}"
-                + (" — run the views' forward passes inside `with ser.capture():`" if not caps else "")
-                + "."
-            )
-        if pair is not None:
-            self._check_pair(pair, f1, f2)
-        return f1, f2
-
-    def _check_pair(self, pair: ViewPair, f1: Tensor, f2: Tensor) -> None:
-        n = len(pair.g1)
-        if len(pair.g1) != len(pair.g2) or pair.x1.shape[0] != len(pair.g1) or pair.x2.shape[0] != len(pair.g2):
-            raise SERError(
-                f"views and elements disagree: x1 {tuple(pair.x1.shape)}, x2 {tuple(pair.x2.shape)}, {len(pair.g1)} and {len(pair.g2)} elements."
-            )
-        a1, a2 = input_address(pair.x1), input_address(pair.x2)
-        if a1 is not None and a1 != a2 and (getattr(f1, "_ser_input_ptr", None), getattr(f2, "_ser_input_ptr", None)) == (a2, a1):
-            raise SERError(
-                f"the captures ran on view 2 then view 1 (layer {self.layer}); ser.loss() takes them in order view 1, view 2: "
-                "run model(pair.x1) before model(pair.x2) inside ser.capture(), or one pass on torch.cat([pair.x1, pair.x2])."
-            )
-        if f1.shape[0] != n or f2.shape[0] != n:
-            raise SERError(f"captured maps {tuple(f1.shape)}, {tuple(f2.shape)} do not match the {n} images of the views; capture exactly the two views' passes.")
-        if self.patch_size is not None:
-            for i, (x, f) in enumerate(((pair.x1, f1), (pair.x2, f2)), 1):
-                grid = (x.shape[-2] // self.patch_size[0], x.shape[-1] // self.patch_size[1])
-                if tuple(f.shape[-2:]) != grid:
-                    raise SERError(f"view {i} is {tuple(x.shape)} (grid {grid}) but its captured map is {tuple(f.shape)}: captures out of order or not these views.")
-
-    def loss(
-        self, pair: Optional[ViewPair] = None, *, g: Optional[Any] = None, keys: Optional[Tuple[Tensor, Tensor]] = None
-    ) -> Tensor:
-        """``λ·L_equiv`` from the two captured view maps; consumes the captures.
+    def loss(self, pair: Optional[ViewPair] = None, *, g: Optional[Any] = None, keys: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+        """``λ·L_equiv`` from the two captured view maps (consumed). Checks that they ran on ``pair.x1``/``pair.x2``.
 
         Args:
-            pair: the :class:`ViewPair` the captured passes ran on (its relative element aligns the maps).
-            g: the relative elements ``g2 ∘ g1⁻¹`` instead of ``pair``.
-            keys: optional teacher/momentum maps ``(k1, k2)`` of the same views as no-grad keys.
+            pair: the :class:`ViewPair` the captured passes ran on. g: its relative elements instead (no pairing check).
+            keys: optional teacher maps ``(k1, k2)`` of the same views as no-grad keys.
         """
-        self._check_attached()
+        records, inputs = self._live().take()
         if pair is None and g is None:
-            self._captures = []
             raise SERError("ser.loss() needs the ViewPair (or g=relative elements) of the captured views.")
-        f1, f2 = self._pair_maps(pair)
-        rel = pair.relative if pair is not None else g
-        return self._weighted(f1, f2, rel, keys)
+        f1, f2, views = split_captures(records, inputs, pair, self.layer)
+        if pair is not None:
+            check_pair(pair, f1, f2, self.patch_size, self.layer)
+            if self.config.check_finite:
+                self.objective.pending_checks = pairing_checks(pair, views, self.layer)
+        return self.objective(f1, f2, pair if pair is not None else g, keys=keys)
 
     def forward_loss(self, pair: ViewPair, keys: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
         """Runs the encoder on both views (stopping after block L) and returns ``λ·L_equiv``."""
         return self.loss_from_maps(pair, self.encode(pair.x1), self.encode(pair.x2), keys=keys)
 
     def loss_from_maps(self, pair: ViewPair, f1: Tensor, f2: Tensor, keys: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
-        """``λ·L_equiv`` from layer-L maps of the pair's two views obtained by the caller (e.g. sliced out of a
-        larger capture); same checks and bookkeeping as :meth:`loss`, captures untouched."""
-        self._check_attached()
-        self._check_pair(pair, f1, f2)
-        return self._weighted(f1, f2, pair.relative, keys)
+        """``λ·L_equiv`` from layer-L maps of the pair's views obtained by the caller; shape checks, captures untouched."""
+        self._live()
+        check_pair(pair, f1, f2, self.patch_size, self.layer)
+        return self.objective(f1, f2, pair, keys=keys)
 
-    def _weighted(self, f1: Tensor, f2: Tensor, g: Any, keys: Optional[Tuple[Tensor, Tensor]]) -> Tensor:
-        if self.lam == 0.0:
-            with torch.no_grad():
-                self.last_loss = self.criterion(f1, f2, g, keys, self.head).detach()
-            zero = f1.sum() * 0.0
-            if self.head is not None:  # keep the head in the graph (DDP find_unused_parameters=False)
-                zero = zero + sum(p.sum() * 0.0 for p in self.head.parameters())
-            return zero
-        value = self.criterion(f1, f2, g, keys, self.head)
-        if self.check_finite and not bool(torch.isfinite(value)):
-            maps = [("view 1", f1), ("view 2", f2)] + ([("teacher key 1", keys[0]), ("teacher key 2", keys[1])] if keys is not None else [])
-            bad = [name for name, f in maps if not bool(torch.isfinite(f).all())]
-            raise SERError(
-                f"L_equiv is {value.item()} at layer {self.layer}: "
-                + (f"non-finite values (NaN/Inf) in the {' and '.join(bad)} token map(s) {tuple(f1.shape)}; the encoder diverged or got bad input."
-                   if bad else "the token maps are finite, so the similarities overflowed; check tau and the head.")
-            )
-        self.last_loss = value.detach()
-        return self.lam * value
+    # ------------------------------------------------------------------ settable options, lifecycle
+    lam = _objective_option("lam")
+    tau = _objective_option("tau")
 
-    # ------------------------------------------------------------------ lifecycle
-    def _check_attached(self) -> None:
-        if not self.is_attached:
-            raise SERError("this SER handle was removed; attach again with attach_ser(model, layer).")
+    def __setattr__(self, name: str, value: Any) -> None:
+        refuse_fixed_option(self, name, "ser.remove(), then attach_ser(model, config=dataclasses.replace(ser.config, {name}=...))")
+        super().__setattr__(name, value)
 
     def remove(self) -> None:
         """Removes every hook (and the late-[CLS] conversion): the model is exactly as before attach_ser."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        if self._tap is not None:
+            self._tap.remove()
         if self._late is not None:
             self._late.remove()
             self._late = None
-        self._captures = []
 
     def __enter__(self) -> SER:
         return self
@@ -394,26 +268,37 @@ class SER(nn.Module):
     def __exit__(self, *exc: Any) -> None:
         self.remove()
 
-    def __deepcopy__(self, memo: Dict[int, Any]) -> SER:
-        raise SERError("an SER handle cannot be deep-copied (it is bound to one model's hooks); attach a new one to the copy.")
+    def __getstate__(self) -> Dict[str, Any]:
+        """Copies and pickles are detached: no tap, no late-[CLS] handle, no model, no block references."""
+        state = dict(super().__getstate__())
+        state.update(_tap=None, _late=None, _model=None, vit=dataclasses.replace(self.vit, blocks=(None,) * self.vit.depth))
+        return state
 
     def extra_repr(self) -> str:
-        return f"layer={self.layer}/{self.depth}, lam={self.lam}, patch_size={self.patch_size}, prefix_tokens={self._prefix}, late_cls={self._late is not None}, attached={self.is_attached}"
+        return (f"layer={self.layer}/{self.depth}, lam={self.lam}, tau={self.tau}, {self.vit!r}, late_cls={self.config.late_cls}, "
+                f"attached={self.is_attached}").replace(f"prefix_tokens={self.vit.num_prefix_tokens}", f"prefix_tokens={self._prefix}")
 
 
-def attach_ser(model: nn.Module, layer: int, **kwargs: Any) -> SER:
+def attach_ser(model: nn.Module, layer: Optional[int] = None, *, config: Optional[SERConfig] = None, **options: Any) -> SER:
     """Attaches Soft Equivariance Regularization to block ``layer`` of a ViT.
 
     Args:
         model: a timm, torchvision, HF transformers, DINO/DINOv2-style or lightly ViT (or any model with
             ``blocks=`` given).
-        layer: ``L`` — the token map after the first ``L`` blocks (``1..depth``; negative counts from the end).
-        **kwargs: see :class:`SER` — ``lam`` (λ, 1.0), ``tau`` (τ, 0.4), ``head`` (token head), ``late_cls``,
-            ``scale`` (area range for scale views), ``same_branch_negatives``, ``max_negatives``, ``blocks``,
-            ``patch_size``, ``num_prefix_tokens``, ``forward``, ``photometric``, ``mean``/``std``.
+        layer: ``L`` — the token map after the first ``L`` blocks (``1..depth``; negative counts from the end);
+            or ``config.layer``.
+        config: a :class:`SERConfig`; ``options`` override its fields.
+        **options: :class:`SERConfig` fields (``lam``, ``tau``, ``head``, ``late_cls``, ``scale``, ``photometric``,
+            ``mean``/``std``, ...), ``preset="authors"``, and the model-description overrides ``blocks``
+            (dotted path or list of blocks), ``patch_size``, ``num_prefix_tokens``, ``forward``
+            (``lambda model, x: ...``).
 
     Returns:
         The :class:`SER` handle: ``views``, ``capture``, ``loss``, ``forward_loss``, ``encode``, ``remove``.
+
+    Raises:
+        SERError: an unknown option (the valid names are listed), a bad value, a model SER cannot hook
+            correctly, or an impossible combination.
 
     Example:
         >>> import timm
@@ -425,12 +310,18 @@ def attach_ser(model: nn.Module, layer: int, **kwargs: Any) -> SER:
         >>> ser.loss(pair).backward()
         >>> ser.remove()
     """
-    return SER(model, layer, **kwargs)
+    return SER(model, layer, config=config, **options)
 
 
 def remove_ser(model: nn.Module) -> int:
-    """Removes every SER attached to ``model`` (for when the handle was lost); returns how many."""
-    owners = _attached_handles(model)
-    for owner in owners:
-        owner.remove()
-    return len(owners)
+    """Removes every SER attached to ``model`` (for when the handle was lost), and every ser_plugin hook left in it
+    by a copy or a pickle (inert capture hooks, a copied late-[CLS] conversion).
+
+    Returns:
+        How many live handles were removed.
+    """
+    taps = live_taps(model)
+    for tap in taps:
+        tap.owner.remove() if isinstance(tap.owner, SER) else tap.remove()
+    remove_tap_hooks(model)
+    return len(taps)

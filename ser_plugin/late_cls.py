@@ -9,26 +9,29 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .capture import declared_prefix_tokens, find_blocks, iter_prefix_params, resolve_layer
 from .errors import SERError
+from .tap import TapHook
+from .vit import declared_prefix_tokens, find_blocks, iter_prefix_params, resolve_layer
 
 __all__ = ["LateCLS", "convert_late_cls"]
 
 
-class _StripPrefix:
+class _StripPrefix(TapHook):
     """Forward pre-hook on block 1: drops the ``p`` prefix tokens the embedding put in front."""
 
     def __init__(self, p: int) -> None:
+        super().__init__(None, "late_cls", None, survives_copy=True)  # part of the architecture: copies keep it
         self.p = p
 
     def __call__(self, module: nn.Module, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
         return (args[0][:, self.p :],) + tuple(args[1:])
 
 
-class _InsertPrefix:
+class _InsertPrefix(TapHook):
     """Forward hook on block L: puts the raw prefix parameters back in front of the patch tokens."""
 
     def __init__(self, params: Sequence[nn.Parameter]) -> None:
+        super().__init__(None, "late_cls", None, survives_copy=True)
         self.params = list(params)
 
     def __call__(self, module: nn.Module, args: Tuple[Any, ...], output: Any) -> Any:
@@ -89,6 +92,11 @@ def convert_late_cls(
             f"late [CLS] insertion supports timm and DINO/DINOv2-style ViTs (a cls_token parameter, optional "
             f"reg_token/register_tokens, declared prefix count) ; {type(model).__name__} has prefix parameters "
             f"{[tuple(t.shape) for t in params]} and declares {p} prefix tokens. Use late_cls=False."
+        )
+    if idx == len(blist) - 1:
+        raise SERError(
+            f"late_cls=True with layer {idx + 1} = the last block of {len(blist)}: [CLS] would be inserted after every block "
+            "and stay the constant cls_token parameter. Choose a layer below the last block (paper: about a third of the depth)."
         )
     handles = [
         blist[0].register_forward_pre_hook(_StripPrefix(p)),

@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .capture import InputSizeRecorder, block_tokens, detect_patch_size, find_blocks, resolve_layer, tokens_to_map
+from .capture import InputInfo, tokens_to_map
 from .errors import SERError
 from .group import D4_ELEMENTS, GroupElement, act_image, rho
+from .tap import LayerTap, live_taps
+from .vit import detect_patch_size, find_blocks, resolve_layer
 
 __all__ = ["equivariance_score"]
-
-
-class _Grab:
-    def __init__(self, store: Dict[int, Tensor], layer: int) -> None:
-        self.store, self.layer = store, layer
-
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
-        self.store[self.layer] = block_tokens(output)
-
-    def __deepcopy__(self, memo: Dict[int, Any]) -> None:
-        raise SERError("equivariance_score's temporary hooks are not meant to be copied.")
 
 
 @torch.no_grad()
@@ -60,18 +52,28 @@ def equivariance_score(
     if psz is None:
         raise SERError("the patch size could not be detected; pass patch_size=.")
     els = [e for e in D4_ELEMENTS if e != (0, 0)] if elements is None else list(elements)
-    store: Dict[int, Tensor] = {}
-    rec = InputSizeRecorder()
-    handles = [model.register_forward_pre_hook(rec, with_kwargs=True)]
-    handles += [blist[i].register_forward_hook(_Grab(store, L)) for L, i in idx.items()]
+    order = sorted(wanted, key=lambda L: idx[L])
+
+    def to_map(tokens: Tensor, info: Optional[InputInfo], layer: int) -> Tensor:
+        return tokens_to_map(tokens, info.hw if info is not None else None, psz, None, layer)[0].float()
+
+    # the same tap as SER's capture; SER handles on this model record nothing while the score runs
+    tap = LayerTap(model, {L: blist[idx[L]] for L in order}, to_map, fingerprints=False)
     was_training = model.training
     model.eval()
     run: Callable[[Tensor], Any] = (lambda t: forward(model, t)) if forward is not None else model
 
     def maps(inp: Tensor) -> Dict[int, Tensor]:
-        store.clear()
-        run(inp)
-        return {L: tokens_to_map(store[L], rec.hw, psz, None, L)[0].float() for L in wanted}
+        sink: List[Tensor] = []
+        with ExitStack() as stack:
+            for other in live_taps(model):
+                if other is not tap:
+                    stack.enter_context(other.paused())
+            stack.enter_context(tap.armed("collect", sink=sink))
+            run(inp)
+        if len(sink) != len(order):
+            raise SERError(f"the forward pass ran {len(sink)} of the {len(order)} hooked blocks; pass forward= if the model needs a custom call.")
+        return dict(zip(order, sink))
 
     try:
         base = maps(x)
@@ -86,7 +88,6 @@ def equivariance_score(
                 tc = tgt - tgt.mean(dim=(2, 3), keepdim=True)
                 sums[L][1] += F.cosine_similarity(pc, tc, dim=1).mean().item()
     finally:
-        for h in handles:
-            h.remove()
+        tap.remove()
         model.train(was_training)
     return {L: {"raw": s[0] / len(els), "centred": s[1] / len(els)} for L, s in sums.items()}

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ser_plugin import SERError, ViewPair, attach_ser, convert_late_cls, remove_ser
-from ser_plugin.attach import _InertHook
+from ser_plugin.tap import _InertHook
 
 
 class Grab:
@@ -326,8 +326,10 @@ def test_deepcopy_teacher_never_writes_into_student_captures():
     assert len(ser.captures) == 1
     tser = attach_ser(teacher, layer=2)  # the copy can get its own SER
     assert tser.is_attached
-    with pytest.raises(SERError, match="cannot be deep-copied"):
-        copy.deepcopy(ser)
+    dup = copy.deepcopy(ser)  # a copy of the handle is detached (issue 9, class 4): it says to attach again
+    assert not dup.is_attached and ser.is_attached
+    with pytest.raises(SERError, match="attach again"):
+        dup.encode(x)
 
 
 # ---------------------------------------------------------------- errors
@@ -386,8 +388,8 @@ def test_error_loss_with_nothing_or_wrong_captures():
         ser.loss(pair)
     with ser.capture():
         model(pair.x2), model(torch.rand(2, 3, 32, 32))
-    loss = ser.loss(pair)  # same shapes: accepted (the user ran two passes of the right size)
-    assert torch.isfinite(loss)
+    with pytest.raises(SERError, match="ran on other images"):  # same shapes, other inputs: detected (issue 9, class 10)
+        ser.loss(pair)
     with pytest.raises(SERError, match="needs the ViewPair"):
         ser.loss()
 

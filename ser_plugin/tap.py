@@ -1,0 +1,211 @@
+"""The layer tap: forward hooks that record block outputs only while armed.
+
+One hook type, :class:`TapHook`, serves the SER capture, :func:`~ser_plugin.metrics.equivariance_score` and
+late [CLS] insertion. Arming is a stack of sessions, so ``capture()`` nests, ``encode()`` / ``forward_loss()`` /
+``equivariance_score()`` inside an open capture neither disarm it nor add records, and an exception inside a
+capture drops that block's records. In a deep copy or a pickle of the hooked model a tap hook turns inert
+(it records nothing); late [CLS] hooks keep working there. :func:`remove_tap_hooks` removes all of them.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .capture import InputInfo, block_tokens, inspect_input
+from .errors import SERError
+
+__all__ = ["TapHook", "LayerTap", "live_taps", "remove_tap_hooks"]
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks")
+_HOOK_FLAGS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
+
+
+class EarlyExit(Exception):
+    """Raised by the block hook in an early-exit session (``encode``) to skip the blocks above L."""
+
+
+class TapHook:
+    """The one hook type of ser_plugin: calls ``fn``; defines what copies and pickles of the hooked model get.
+
+    Args:
+        fn: the callback (None: inert). role: ``"input"``, ``"capture"`` or ``"late_cls"``.
+        owner: the :class:`LayerTap` it belongs to, if any. survives_copy: copies keep a working hook
+            (late [CLS], part of the architecture) instead of an inert one (recording).
+    """
+
+    def __init__(self, fn: Optional[Callable[..., Any]] = None, role: str = "capture", owner: Any = None, survives_copy: bool = False) -> None:
+        self.fn, self.role, self.owner, self.survives_copy = fn, role, owner, survives_copy
+
+    def __call__(self, *args: Any) -> Any:
+        return None if self.fn is None else self.fn(*args)
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> TapHook:
+        if not self.survives_copy:
+            return _InertHook(None, self.role)
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
+    def __reduce__(self) -> Tuple[Any, Tuple[Any, ...]]:
+        if self.survives_copy:
+            return (_rebuild, (type(self), self.__dict__))
+        return (_InertHook, (None, self.role))
+
+
+def _rebuild(cls: type, state: Dict[str, Any]) -> TapHook:
+    obj = cls.__new__(cls)
+    obj.__dict__.update(state)
+    return obj
+
+
+class _CaptureHook(TapHook):
+    """A live recording hook of a :class:`LayerTap`."""
+
+
+class _InertHook(TapHook):
+    """What a recording hook becomes in a copy or pickle of the model: records nothing; ``remove_ser`` removes it."""
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass: checkpoint recomputation re-runs block L there, not a new view."""
+    return torch._C._current_graph_task_id() != -1
+
+
+@dataclass
+class _Session:
+    kind: str  # "capture" (into the tap's records), "collect" (into sink), "pause" (records nothing)
+    grad: bool
+    start: int
+    sink: Optional[List[Tensor]] = None
+    early_exit: bool = False
+    inputs: List[Optional[InputInfo]] = field(default_factory=list)
+
+
+class LayerTap:
+    """Hooks on a model's root (what the input was) and on some blocks (their outputs as token maps).
+
+    Args:
+        model: the hooked model; its forward pre-hook records the input and refuses masked inputs while armed.
+        blocks: ``{layer: block}`` to hook. to_map: ``(tokens, input_info, layer) -> map``.
+        fingerprints: record a small input fingerprint for the pairing check.
+        owner: the object that owns the tap (for :func:`live_taps`).
+    """
+
+    def __init__(self, model: nn.Module, blocks: Dict[int, nn.Module], to_map: Callable[[Tensor, Optional[InputInfo], int], Tensor],
+                 fingerprints: bool = True, owner: Any = None) -> None:
+        self.records: List[Tensor] = []
+        self.inputs: List[Optional[InputInfo]] = []
+        self.to_map, self.fingerprints, self.owner = to_map, fingerprints, owner
+        self._stack: List[_Session] = []
+        self._input: Optional[InputInfo] = None
+        self._handles = [model.register_forward_pre_hook(_CaptureHook(self._on_input, "input", self), with_kwargs=True)]
+        for layer, block in blocks.items():
+            self._handles.append(block.register_forward_hook(_CaptureHook(self._make_output_hook(layer), "capture", self)))
+
+    @property
+    def is_live(self) -> bool:
+        return bool(self._handles)
+
+    def _on_input(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+        s = self._stack[-1] if self._stack else None
+        if s is None or s.kind == "pause" or _in_backward():
+            return
+        self._input = inspect_input(args, kwargs, fingerprint=self.fingerprints and s.kind == "capture")
+
+    def _make_output_hook(self, layer: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            s = self._stack[-1] if self._stack else None
+            if s is None or s.kind == "pause" or _in_backward():
+                return
+            if s.grad and not torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
+                raise SERError(
+                    f"layer {layer} ran without autograd inside an armed capture, so L_equiv would send it no gradient. Either "
+                    "the pass ran under torch.no_grad() (run both SER views with gradient; put teacher/target passes outside "
+                    "`with ser.capture()` and give them as ser.loss(pair, keys=...)), or reentrant gradient checkpointing "
+                    "(torch.utils.checkpoint with use_reentrant=True, timm < 1.0.13) hid the tokens' graph: use non-reentrant "
+                    "checkpointing (use_reentrant=False, timm >= 1.0.13) or disable it."
+                )
+            fmap = self.to_map(block_tokens(output), self._input, layer)
+            if s.sink is not None:
+                s.sink.append(fmap)
+            else:
+                self.records.append(fmap)
+                self.inputs.append(self._input)
+            if s.early_exit:
+                raise EarlyExit()
+
+        return hook
+
+    @contextmanager
+    def armed(self, kind: str = "capture", sink: Optional[List[Tensor]] = None, early_exit: bool = False) -> Iterator[None]:
+        """Arms the tap for the block; nests; on an exception the block's own records are dropped."""
+        if not self.is_live:
+            raise SERError("this layer tap was removed; attach again with attach_ser(model, layer).")
+        s = _Session(kind, torch.is_grad_enabled(), len(self.records), sink, early_exit)
+        self._stack.append(s)
+        try:
+            yield
+        except BaseException:
+            if kind == "capture":
+                del self.records[s.start :], self.inputs[s.start :]
+            raise
+        finally:
+            self._stack.remove(s)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Records nothing in the block (another tool's forward passes on the same model)."""
+        with self.armed("pause", sink=[]):
+            yield
+
+    def take(self) -> Tuple[List[Tensor], List[Optional[InputInfo]]]:
+        """The records and their input infos; the tap is emptied."""
+        out = (self.records, self.inputs)
+        self.records, self.inputs = [], []
+        return out
+
+    def clear(self) -> None:
+        self.records.clear()
+        self.inputs.clear()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._stack = []
+        self.clear()
+
+
+def _tap_hooks(model: nn.Module) -> Iterator[Tuple[nn.Module, str, int, TapHook]]:
+    for m in model.modules():
+        for dname in _HOOK_DICTS:
+            for k, h in list(getattr(m, dname).items()):
+                if isinstance(h, TapHook):
+                    yield m, dname, k, h
+
+
+def live_taps(model: nn.Module) -> List[LayerTap]:
+    """The live taps with a hook anywhere in ``model`` (each once)."""
+    taps: Dict[int, LayerTap] = {}
+    for *_, h in _tap_hooks(model):
+        if isinstance(h.owner, LayerTap) and h.owner.is_live:
+            taps[id(h.owner)] = h.owner
+    return list(taps.values())
+
+
+def remove_tap_hooks(model: nn.Module) -> int:
+    """Removes every ser_plugin hook left in ``model`` (inert copies, late [CLS] of copies); returns how many."""
+    n = 0
+    for m, dname, k, _ in list(_tap_hooks(model)):
+        del getattr(m, dname)[k]
+        for flag in _HOOK_FLAGS:
+            getattr(m, flag, {}).pop(k, None)
+        n += 1
+    return n
