@@ -9,7 +9,6 @@ a :class:`~ser_plugin.tap.LayerTap` (hooks, arming, early exit), the stateless
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -20,7 +19,6 @@ from .capture import InputInfo, check_pair, pairing_checks, split_captures, toke
 from .config import NOT_CONFIG_OPTIONS, SERConfig
 from .errors import SERError
 from .late_cls import LateCLS, convert_late_cls
-from .loss import TokenInfoNCE
 from .objective import SERLoss, refuse_fixed_option
 from .tap import EarlyExit, LayerTap, live_taps, remove_tap_hooks
 from .views import EquivariantViews, ViewPair
@@ -29,29 +27,16 @@ from .vit import ViTDescription, describe_vit, resolve_layer
 __all__ = ["SER", "attach_ser", "remove_ser", "build_config"]
 
 
-def _accepts(fn: Callable[..., Any], name: str) -> bool:
-    return name in inspect.signature(fn).parameters
-
-
-#: option values whose behaviour lands with another branch: refused until the component takes the keyword
-_NOT_YET = {
-    "pairing": ("independent", lambda: _accepts(EquivariantViews.__init__, "pairing")),
-    "image_interpolation": ("bilinear", lambda: _accepts(EquivariantViews.__init__, "image_interpolation")),
-    "scale_frame": ("view2", lambda: _accepts(TokenInfoNCE.__init__, "scale_frame")),
-}
-
-
 def _view_options(cfg: SERConfig) -> Dict[str, Any]:
-    """The view keywords this build's EquivariantViews takes beyond the D4/scale/photometric ones."""
-    return {k: getattr(cfg, k) for k in ("pairing", "image_interpolation") if _accepts(EquivariantViews.__init__, k)}
+    """The view keywords beyond the D4/scale/photometric ones."""
+    return {"pairing": cfg.pairing, "image_interpolation": cfg.image_interpolation}
 
 
 def build_config(layer: Any, config: Optional[SERConfig], preset: Optional[str], options: Dict[str, Any]) -> SERConfig:
     """The handle's SERConfig: ``preset`` (if any), then ``config`` (if any), then ``options`` and ``layer``.
 
     Raises:
-        SERError: an unknown option (listing the valid ones), a bad value, no layer, or an option value not
-            implemented in this build.
+        SERError: an unknown option (listing the valid ones), a bad value, or no layer.
     """
     SERConfig.check_names(options, also=NOT_CONFIG_OPTIONS)
     if config is not None and not isinstance(config, SERConfig):
@@ -67,11 +52,6 @@ def build_config(layer: Any, config: Optional[SERConfig], preset: Optional[str],
         cfg = cfg.replace(**options)
     if cfg.layer is None:
         raise SERError("no layer given: attach_ser(model, layer) or SERConfig(layer=...); layer L is the block whose output SER regularises (1..depth).")
-    for name, (default, available) in _NOT_YET.items():
-        if getattr(cfg, name) != default and not available():
-            raise SERError(f"{name}={getattr(cfg, name)!r} is not implemented in this build (available: {default!r}).")
-    if cfg.photometric == "authors":
-        raise SERError("photometric='authors' is not implemented in this build (available: 'mocov3', None or a pair of callables).")
     return cfg
 
 
@@ -258,6 +238,7 @@ class SER(nn.Module):
         """Removes every hook (and the late-[CLS] conversion): the model is exactly as before attach_ser."""
         if self._tap is not None:
             self._tap.remove()
+        self.objective.flush()  # a deferred non-finite check of the last step raises here
         if self._late is not None:
             self._late.remove()
             self._late = None

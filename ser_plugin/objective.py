@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, List, Optional, Tuple, Union
 
 import torch
@@ -12,7 +11,7 @@ from torch import Tensor, nn
 from .config import SERConfig
 from .errors import SERError
 from .group import GroupElement
-from .loss import TokenHead, TokenInfoNCE
+from .loss import FiniteCheck, TokenHead, TokenInfoNCE
 from .views import ViewPair
 
 __all__ = ["SERLoss"]
@@ -66,9 +65,7 @@ class SERLoss(nn.Module):
             raise SERError(f"config must be a SERConfig, got {type(config).__name__}.")
         cfg = (config or SERConfig()).replace(**options) if options else (config or SERConfig())
         self.config = cfg
-        kw = dict(scale_frame=cfg.scale_frame) if cfg.scale_frame != "view2" else {}
-        if kw and "scale_frame" not in inspect.signature(TokenInfoNCE.__init__).parameters:
-            raise SERError(f"scale_frame={cfg.scale_frame!r} is not implemented in this build (available: 'view2').")
+        kw = dict(scale_frame=cfg.scale_frame)
         self.criterion = TokenInfoNCE(
             cfg.tau, cfg.symmetric, cfg.same_branch_negatives, cfg.max_negatives, cfg.gather, cfg.interpolation, cfg.chunk_elements, **kw
         )
@@ -84,6 +81,7 @@ class SERLoss(nn.Module):
         self.last_loss: Optional[Tensor] = None
         #: device-side ``(all_ok, message)`` checks from the caller, verified with the finite check in one host sync
         self.pending_checks: List[Tuple[Tensor, str]] = []
+        self._finite = FiniteCheck("auto")  # immediate on CPU; deferred (no stall) on accelerators
         self._ready = True
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -141,38 +139,37 @@ class SERLoss(nn.Module):
         if self.head is not None and isinstance(f1, Tensor) and isinstance(f2, Tensor):
             f1, f2, keys = self._match_head_dtype(f1, f2, keys)
         kw = {} if gather is None else {"gather": bool(gather)}
-        if kw and "gather" not in inspect.signature(TokenInfoNCE.forward).parameters:
-            raise SERError("a per-call gather= is not implemented in this build; set SERConfig.gather instead.")
         pending, self.pending_checks = self.pending_checks, []
         if self.config.lam == 0.0:
             with torch.no_grad():
                 self.last_loss = self.criterion(f1, f2, g, keys, self.head, **kw).detach()
-            self._verify(self.last_loss, f1, f2, keys, pending, finite=False)
+            self._verify(self.last_loss, f1, f2, keys, pending, finite=False, pair=pair_or_relative)
             zero = f1.sum() * 0.0
             if self.head is not None:  # keep the head in the graph (DDP find_unused_parameters=False)
                 zero = zero + sum(p.sum() * 0.0 for p in self.head.parameters())
             return zero
         value = self.criterion(f1, f2, g, keys, self.head, **kw)
-        self._verify(value, f1, f2, keys, pending, finite=True)
+        self._verify(value, f1, f2, keys, pending, finite=True, pair=pair_or_relative)
         self.last_loss = value.detach()
         return self.config.lam * value
 
-    def _verify(self, value: Tensor, f1: Tensor, f2: Tensor, keys: Any, pending: List[Tuple[Tensor, str]], finite: bool) -> None:
-        """With ``check_finite``: a finite value and the caller's checks, in one host sync."""
+    def _verify(self, value: Tensor, f1: Tensor, f2: Tensor, keys: Any, pending: List[Tuple[Tensor, str]], finite: bool, pair: Any = None) -> None:
+        """With ``check_finite``: a finite value and the caller's checks, in at most one host read (none on an
+        accelerator: the check is deferred and a failure raises at a later call or at :meth:`flush`)."""
         if not self.config.check_finite or (not finite and not pending):
             return
-        flags = torch.stack([torch.isfinite(value.detach()).reshape(())] + [ok.reshape(()).to(value.device) for ok, _ in pending]).tolist()
-        if finite and not flags[0]:
-            maps = [("view 1", f1), ("view 2", f2)] + ([("teacher key 1", keys[0]), ("teacher key 2", keys[1])] if keys is not None else [])
-            bad = [name for name, f in maps if not bool(torch.isfinite(f).all())]
-            raise SERError(
-                f"L_equiv is {value.item()} at {self.where}: "
-                + (f"non-finite values (NaN/Inf) in the {' and '.join(bad)} token map(s) {tuple(f1.shape)}; the encoder diverged or got bad input."
-                   if bad else "the token maps are finite, so the similarities overflowed; check tau and the head.")
-            )
-        for ok, (_, message) in zip(flags[1:], pending):
-            if not ok:
-                raise SERError(message)
+        maps = [("view 1", f1), ("view 2", f2)] + ([("teacher key 1", keys[0]), ("teacher key 2", keys[1])] if keys is not None else [])
+        if isinstance(pair, ViewPair):
+            maps += [("view 1 pixels", pair.x1), ("view 2 pixels", pair.x2)]
+        self._finite(value if finite else None, maps, where=self.where, remote=self.criterion.last_remote_finite, extra=pending)
+
+    def flush(self) -> None:
+        """Raises a deferred non-finite check of an earlier step (waits for it); call at the end of training.
+
+        Raises:
+            SERError: a checked step was not finite.
+        """
+        self._finite.flush()
 
     def _match_head_dtype(self, f1: Tensor, f2: Tensor, keys: Any) -> Tuple[Tensor, Tensor, Any]:
         """Maps in the head's parameter dtype (fp16/bf16 models with an fp32 head, or the reverse), unless autocast runs."""
