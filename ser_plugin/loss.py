@@ -555,7 +555,7 @@ def _message(
             if kinds:
                 bad.append(f"{name} {tuple(shape)}: {', '.join(kinds)}")
         if bad:
-            return (f"L_equiv is {value}{at}: non-finite values in {'; '.join(bad)}. The encoder diverged or got bad input "
+            return (f"L_equiv is {value}{at}: non-finite values (NaN/Inf) in the {'; '.join(bad)}. The encoder diverged or got bad input "
                     "(check the inputs' range and the learning rate; under fp16 use a GradScaler or bf16).")
         ranks = [r for r, ok in enumerate(summary[k : k + n_remote]) if not ok and r != rank()]
         if ranks:
