@@ -5,7 +5,7 @@ lightly's examples build the teacher with ``copy.deepcopy(student_backbone)``. A
 records nothing, see :func:`inert_copy_demo` — so the result is the same, but attaching after keeps the teacher
 free of any hook.
 
-The matched 2-view budget of method.md §7: the b2 views replace the last ``|b2|`` rows of the two global views,
+The matched 2-view budget of docs/method.md §7: the b2 views replace the last ``|b2|`` rows of the two global views,
 so they also enter lightly's ``DINOLoss``; layer L is captured during the student's own passes over the two
 global views (the first two passes of the step), so there is no extra encoder pass.
 

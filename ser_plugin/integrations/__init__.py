@@ -1,6 +1,6 @@
 """Helpers shared by the training-loop adapters (MoCo-v3, DINO, solo-learn, Lightning, lightly).
 
-The adapters keep the *matched 2-view budget* of method.md §7: for the ``b2`` images of a batch, the two
+The adapters keep the *matched 2-view budget* of docs/method.md §7: for the ``b2`` images of a batch, the two
 equivariant views **replace** the host's two usual views, so they also enter the host's unchanged SSL
 loss, and layer L's token maps are taken from the host's own forward passes (no extra encoder pass)::
 
