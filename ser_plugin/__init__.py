@@ -5,11 +5,13 @@
 """
 
 from .attach import SER, attach_ser, remove_ser
+from .config import PRESETS, SERConfig
 from .errors import SERError
 from .group import D4_ELEMENTS, GroupElement, act_image, rho, transform_grid
 from .late_cls import LateCLS, convert_late_cls
 from .loss import TokenHead, TokenInfoNCE
 from .metrics import equivariance_score
+from .objective import SERLoss
 from .views import EquivariantViews, ViewPair, ViewTransform, collate_views, rescale_pair
 
 __version__ = "0.1.0"
@@ -18,6 +20,9 @@ __all__ = [
     "attach_ser",
     "SER",
     "remove_ser",
+    "SERConfig",
+    "PRESETS",
+    "SERLoss",
     "SERError",
     "GroupElement",
     "D4_ELEMENTS",
