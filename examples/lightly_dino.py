@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ser_plugin import SER, SERConfig, attach_ser
-from ser_plugin.integrations import add_ser_args, b2_count, b2_maps, config_from_args, loss_from_maps, recipe, replace_rows
+from ser_plugin.integrations import add_ser_args, b2_count, b2_maps, config_from_args, loss_from_maps, recipe, replace_rows, views_input
 
 
 def _default_ser() -> SERConfig:
@@ -122,7 +122,7 @@ def train_step(model: DINO, ser: SER, criterion: Any, optimizer: torch.optim.Opt
     from lightly.models.utils import update_momentum
 
     n = b2_count(base.shape[0], ser.config.b2_share)
-    pair = ser.views(base[-n:])
+    pair = ser.views(views_input(base[-n:], ser.config.mean, ser.config.std))
     views = list(views)
     views[0], views[1] = replace_rows(views[0], pair.x1), replace_rows(views[1], pair.x2)
     with torch.no_grad():

@@ -136,7 +136,7 @@ class SERBatches:
         return getattr(self.loader, name)
 
     def __iter__(self) -> Iterator[Any]:
-        from ser_plugin.integrations import b2_count, base_to_float, replace_rows
+        from ser_plugin.integrations import b2_count, replace_rows, views_input
 
         ser = self.state.ser
         for images, target in self.loader:
@@ -144,7 +144,7 @@ class SERBatches:
             base = images.pop()
             n = b2_count(base.shape[0], self.state.cfg.b2_share)
             device = next(ser.model.parameters()).device
-            pair = ser.views(base_to_float(base[-n:].to(device, non_blocking=True)))
+            pair = ser.views(views_input(base[-n:].to(device, non_blocking=True), ser.config.mean, ser.config.std))
             images[0] = replace_rows(images[0].to(device, non_blocking=True), pair.x1)
             images[1] = replace_rows(images[1].to(device, non_blocking=True), pair.x2)
             self.state.pair = pair

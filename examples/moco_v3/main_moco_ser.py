@@ -155,7 +155,7 @@ class SERBatches:
             base = images.pop()
             n = integ.b2_count(base.shape[0], core.ser_share)
             device = next(core.base_encoder.parameters()).device
-            core.ser_pair = core.ser.views(integ.base_to_float(base[-n:].to(device, non_blocking=True)))
+            core.ser_pair = core.ser.views(integ.views_input(base[-n:].to(device, non_blocking=True), core.ser.config.mean, core.ser.config.std))
             yield images, target
 
 

@@ -5,7 +5,7 @@ equivariant views **replace** the host's two usual views, so they also enter the
 loss, and layer L's token maps are taken from the host's own forward passes (no extra encoder pass)::
 
     n = b2_count(batch_size, cfg.b2_share)                # |b2|
-    pair = ser.views(base[-n:])                           # base: plain crops in [0, 1] of the same images
+    pair = ser.views(views_input(base[-n:], ser.config.mean, ser.config.std))  # base: plain crops of the same images
     x1, x2 = replace_rows(x1, pair.x1), replace_rows(x2, pair.x2)
     with ser.capture():
         host_loss = host(x1, x2)                          # the host's forward, untouched
@@ -38,6 +38,7 @@ __all__ = [
     "loss_from_maps",
     "BaseCrop",
     "base_to_float",
+    "views_input",
     "average_grads_across_ranks",
     "b2_maps",
     "add_ser_args",
@@ -177,6 +178,22 @@ class BaseCrop:
 def base_to_float(base: Tensor) -> Tensor:
     """``uint8`` crops from :class:`BaseCrop` → float images in ``[0, 1]``."""
     return base.float().div_(255) if base.dtype == torch.uint8 else base.float()
+
+
+def views_input(base: Tensor, mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> Tensor:
+    """Plain crops (``uint8``, or float in ``[0, 1]``) → the input ``ser.views`` expects under its config: with
+    ``mean``/``std`` (the config's), normalised ``(x - mean) / std`` — the views de-normalise, augment and
+    normalise again, so they come out like the host's normalised crops; without them, ``[0, 1]`` floats.
+
+    Example:
+        >>> pair = ser.views(views_input(base[-n:], ser.config.mean, ser.config.std))  # doctest: +SKIP
+    """
+    x = base_to_float(base)
+    if mean is None or std is None:
+        return x
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s
 
 
 def average_grads_across_ranks(module: nn.Module) -> List[Any]:

@@ -56,7 +56,7 @@ from ..config import NOT_CONFIG_OPTIONS, SERConfig
 from ..errors import SERError
 from ..late_cls import convert_late_cls
 from ..views import ViewPair
-from . import b2_count, b2_maps, loss_from_maps
+from . import b2_count, b2_maps, loss_from_maps, views_input
 
 try:  # Lightning 2.x
     from lightning.pytorch import Callback, LightningModule, Trainer
@@ -350,8 +350,8 @@ class SERCallback(Callback):
             raise SERError(f"SERCallback(images=...) must return a (B, C, H, W) tensor, got {type(x).__name__} {tuple(getattr(x, 'shape', ()))}.")
         n = b2_count(x.shape[0], self.config.b2_share)
         x = x[x.shape[0] - n :].to(device)
-        if x.dtype == torch.uint8:
-            x = x.float().div_(255)
+        if x.dtype == torch.uint8:  # raw pixels: [0, 1], then the config's normalisation (the views' input convention)
+            x = views_input(x, self.config.mean, self.config.std)
         assert self.ser is not None
         return self.ser.views(x)
 
