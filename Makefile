@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARCH := $(shell uname -m)
-# timm needs torchvision; these pairs install from the local wheels on these machines (environment.md)
+# timm needs torchvision: a torch + torchvision pair that is known to install and import together
 ifeq ($(ARCH),aarch64)
 TORCH_PINS ?= torch==2.9.1 torchvision==0.24.1
 else

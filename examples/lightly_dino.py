@@ -5,7 +5,7 @@ lightly's examples build the teacher with ``copy.deepcopy(student_backbone)``. A
 records nothing, see :func:`inert_copy_demo` — so the result is the same, but attaching after keeps the teacher
 free of any hook.
 
-The matched 2-view budget of method.md §7: the b2 views replace the last ``|b2|`` rows of the two global views,
+The matched 2-view budget of docs/method.md §7: the b2 views replace the last ``|b2|`` rows of the two global views,
 so they also enter lightly's ``DINOLoss``; layer L is captured during the student's own passes over the two
 global views (the first two passes of the step), so there is no extra encoder pass.
 
@@ -17,14 +17,20 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from ser_plugin import SER, attach_ser
-from ser_plugin.integrations import b2_count, loss_from_maps, replace_rows
+from ser_plugin import SER, SERConfig, attach_ser
+from ser_plugin.integrations import add_ser_args, b2_count, b2_maps, config_from_args, loss_from_maps, recipe, replace_rows, views_input
+
+
+def _default_ser() -> SERConfig:
+    # the DINO recipe (lam 0.3, tau 0.5) at layer 2 of this 4-block ViT; a quarter of the batch of 16 as b2;
+    # photometric=None: views are exact group transforms of the base (main() turns MoCo-v3 photometrics on)
+    return recipe("dino", layer=2, b2_share=0.25, photometric=None)
 
 
 @dataclass
@@ -36,11 +42,8 @@ class Config:
     depth: int = 4
     heads: int = 4
     out_dim: int = 256
-    layer: int = 2
-    lam: float = 0.3
-    tau: float = 0.5
-    b2: float = 0.25
     n_local: int = 2
+    ser: SERConfig = field(default_factory=_default_ser)
 
 
 class DINO(nn.Module):
@@ -71,17 +74,15 @@ class DINO(nn.Module):
         return self.teacher_head(self.teacher_backbone(x))
 
 
-def build(cfg: Config, lam: float | None = None, **ser_kwargs: Any) -> Tuple[DINO, SER, Any, torch.optim.Optimizer]:
-    """Model, SER handle, lightly's ``DINOLoss`` and the optimizer. ``ser_kwargs`` go to ``attach_ser``
-    (default ``photometric=None``: views are exact group transforms of the base; the lightly-transform path of
-    :func:`main` uses MoCo-v3-style photometrics and ImageNet normalisation instead)."""
+def build(cfg: Config, **options: Any) -> Tuple[DINO, SER, Any, torch.optim.Optimizer]:
+    """Model, SER handle, lightly's ``DINOLoss`` and the optimizer. SER's options: ``cfg.ser``, overridden by
+    ``options`` (SERConfig fields, e.g. ``lam=0.0``)."""
     from lightly.loss import DINOLoss
 
     model = DINO(cfg)
     # after the deepcopy: the teacher never gets a hook. SER's parameters (none by default; head=True adds a token
     # head) live on the handle, outside the student, and go to the optimizer next to the model's.
-    ser_kwargs.setdefault("photometric", None)
-    ser = attach_ser(model.student_backbone, cfg.layer, lam=cfg.lam if lam is None else lam, tau=cfg.tau, **ser_kwargs)
+    ser = attach_ser(model.student_backbone, config=cfg.ser, **options)
     criterion = DINOLoss(output_dim=cfg.out_dim, warmup_teacher_temp_epochs=0)
     params = [p for n, p in model.named_parameters() if not n.startswith("teacher_")] + list(ser.parameters())
     return model, ser, criterion, torch.optim.AdamW(params, lr=1e-3)
@@ -120,8 +121,8 @@ def train_step(model: DINO, ser: SER, criterion: Any, optimizer: torch.optim.Opt
     """One DINO step with SER. ``views``: lightly-style crops (2 global first); ``base``: the same images, [0, 1]."""
     from lightly.models.utils import update_momentum
 
-    n = b2_count(base.shape[0], cfg.b2)
-    pair = ser.views(base[-n:])
+    n = b2_count(base.shape[0], ser.config.b2_share)
+    pair = ser.views(views_input(base[-n:], ser.config.mean, ser.config.std))
     views = list(views)
     views[0], views[1] = replace_rows(views[0], pair.x1), replace_rows(views[1], pair.x2)
     with torch.no_grad():
@@ -132,7 +133,8 @@ def train_step(model: DINO, ser: SER, criterion: Any, optimizer: torch.optim.Opt
     caps = ser.captures
     ser.clear()
     host = criterion(teacher_out, student_out, epoch=0)
-    term = loss_from_maps(ser, pair, caps[0][-n:], caps[1][-n:])
+    f1, f2 = b2_maps(caps, n)  # the first two captures: the student's passes over the two global views
+    term = loss_from_maps(ser, pair, f1, f2)
     loss = host + term
     if step:
         optimizer.zero_grad()
@@ -146,7 +148,7 @@ def train_step(model: DINO, ser: SER, criterion: Any, optimizer: torch.optim.Opt
 def inert_copy_demo(cfg: Config) -> Dict[str, int]:
     """Attach first, copy second: the copy's hook is inert — the teacher's passes record nothing."""
     model = DINO(cfg)
-    ser = attach_ser(model.student_backbone, cfg.layer, photometric=None)
+    ser = attach_ser(model.student_backbone, config=cfg.ser)
     teacher = copy.deepcopy(model.student_backbone)
     x = torch.rand(4, 3, cfg.img, cfg.img)
     with ser.capture():
@@ -182,19 +184,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=16)
-    args = ap.parse_args()
     from ser_plugin.integrations import IMAGENET_MEAN, IMAGENET_STD
 
-    cfg = Config()
-    torch.manual_seed(0)
     # lightly's DINOTransform normalises with ImageNet statistics: the views get photometrics, then the same
-    model, ser, criterion, opt = build(cfg, photometric="mocov3", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    base = _default_ser().replace(photometric="mocov3", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    add_ser_args(ap, base=base)
+    args = ap.parse_args()
+    cfg = Config(ser=config_from_args(args, base))
+    torch.manual_seed(0)
+    model, ser, criterion, opt = build(cfg)
     transform = lightly_transform(cfg)
     images = sample_images(args.batch * args.steps)
     loader = torch.utils.data.DataLoader([transform(im) for im in images], batch_size=args.batch, collate_fn=collate)
     for s, (views, base) in enumerate(loader):
         out = train_step(model, ser, criterion, opt, views, base, cfg)
-        print(f"step {s}: loss {float(out['loss']):.4f} = DINO {float(out['host']):.4f} + {cfg.lam} * L_equiv {float(ser.last_loss):.4f}")
+        print(f"step {s}: loss {float(out['loss']):.4f} = DINO {float(out['host']):.4f} + {ser.lam} * L_equiv {float(ser.last_loss):.4f}")
         assert math.isfinite(float(out["loss"]))
     print("inert copy:", inert_copy_demo(cfg))
 

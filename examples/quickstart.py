@@ -4,7 +4,10 @@ A MoCo-v3-style step (two augmented views, InfoNCE between online predictions an
 timm ViT. SER adds: a b2 share of the batch made into two equivariant views that also enter the SSL loss
 (matched 2-view budget), one capture block, one added loss term.
 
-    python examples/quickstart.py --steps 20
+    python examples/quickstart.py --steps 20 [--ser-layer 3 --ser-lam 0.5 --ser-b2-share 0.1 ...]
+
+SER's options are the ``--ser-*`` flags of ``SERConfig`` (the same names as ``attach_ser``'s keywords and every
+launcher's flags); defaults: the library's, at layer 2 of this 4-block ViT.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ser_plugin import attach_ser
+from ser_plugin import SERConfig, attach_ser
+from ser_plugin.integrations import add_ser_args, config_from_args
 
 
 def augment(x: torch.Tensor) -> torch.Tensor:
@@ -38,11 +42,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--b2", type=float, default=0.25, help="share of the batch used for SER views")
-    ap.add_argument("--layer", type=int, default=2)
-    ap.add_argument("--lam", type=float, default=1.0)
     ap.add_argument("--patch", type=int, default=4, help="patch size of the 32x32 toy ViT")
+    base = SERConfig(layer=2)
+    add_ser_args(ap, base=base)
     args = ap.parse_args(argv)
+    cfg = config_from_args(args, base)
     torch.manual_seed(0)
 
     encoder = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=args.patch, embed_dim=64, depth=4, num_heads=2, num_classes=0)
@@ -50,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     predictor = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64))
 
     # 1) attach SER to the online encoder before the momentum copy is made: the copy's hook is inert
-    ser = attach_ser(encoder, layer=args.layer, lam=args.lam, tau=0.4)
+    ser = attach_ser(encoder, config=cfg)  # = attach_ser(encoder, layer=2, lam=1.0, tau=0.4) with the defaults
     momentum = copy.deepcopy(nn.Sequential(encoder, projector)).requires_grad_(False)
     online = nn.Sequential(encoder, projector)
     params = list(online.parameters()) + list(predictor.parameters()) + list(ser.parameters())
@@ -60,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     history = []
     for step in range(args.steps):
         x = images[torch.randint(0, len(images), (args.batch,))]
-        n2 = max(2, int(args.b2 * len(x)))
+        n2 = max(2, int(cfg.b2_share * len(x)))
         b1, b2 = x[n2:], x[:n2]
         v1, v2 = augment(b1), augment(b1)
         pair = ser.views(b2)  # 2) two equivariant views of b2 and their group elements

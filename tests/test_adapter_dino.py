@@ -35,7 +35,7 @@ def _run(*flags: str) -> dict:
 def test_dino_one_step(flags: tuple) -> None:
     r = _run(*flags)
     assert r["ser_loss_finite"] and r["ser_loss"] > 0
-    assert r["cli_ok"]  # the launcher's parser: DINO's arguments plus --ser_*
+    assert r["cli_ok"]  # the launcher's parser: DINO's arguments plus the --ser-* flags of SERConfig
     assert math_isfinite(r["step_loss"])
     layer = r["layer"]
     assert len(r["ser_grad_norms"]) == r["depth"]

@@ -42,6 +42,9 @@ def test_solo_mocov3_one_step_with_head() -> None:
     assert r["online_hook_blocks"] == [layer] and r["online_capture_hooks"] == 1
     assert r["momentum_capture_hooks"] == 0
     assert r["ser_params"] > 0 and r["ser_params_in_optimizer"]
+    assert r["ser_group"] == ["ser_head"]  # through solo's own learnable_params -> configure_optimizers
+    # ++ser.* over the method's recipe (mocov3: lam 1.0, tau 0.3), the names of SERConfig
+    assert r["ser_config"] == [3, 1.0, 0.3, 0.25]
     assert r["total_loss"] > r["host_loss"]
     assert r["late_cls_pre_hooks"] == {"backbone": 0, "momentum_backbone": 0}
     lo, hi = r["crop_scale"]  # the base crop follows the config's own random-resized-crop range

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 import sys
 
 import pytest
@@ -50,6 +51,7 @@ def _manual_map(model, x, layer):  # noqa: ANN001
 def test_chunked_blocks_and_registers_give_the_exact_layer_map(ex, vt) -> None:
     torch.manual_seed(0)
     student, teacher, ser = ex.build(vt, depth=DEPTH, layer=LAYER, registers=REG, chunks=2)
+    assert (ser.config.tau, ser.config.scale, ser.config.photometric) == (0.5, (0.7, 1.3), None)  # DEFAULTS: dino recipe + scale
     student.eval()
     assert len(student.blocks) == 2 and ser.depth == DEPTH and ser._prefix == 1 + REG
     x = torch.randn(3, 3, 32, 40)
@@ -93,6 +95,15 @@ def test_step_gradients_teacher_and_lambda_zero(ex, vt) -> None:
     ser.lam = 0.0
     out0 = ex.step(student, teacher, ser, x1, x2)
     assert float(out0["term"]) == 0.0 and float(out0["loss"]) == float(out0["host"])
+
+
+def test_example_runs_with_the_ser_flags(ex) -> None:
+    """The example's command line: DINOv2 checkout + the --ser-* flags of SERConfig over its DEFAULTS."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "dinov2", "ser_dinov2_step.py"), "--ser-lam", "0.5", "--ser-head",
+                          "--ser-head-dims", "16", "16"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "4 blocks in 2 chunks, 4 registers" in out.stdout and "λ·L_equiv" in out.stdout, out.stdout
 
 
 def test_late_cls_with_registers_matches_a_hand_written_reference(ex, vt) -> None:

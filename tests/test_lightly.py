@@ -48,7 +48,7 @@ def test_two_steps_then_ser_gradient_reaches_blocks_up_to_L_only() -> None:
         assert out["n_captures"] == 2 + cfg.n_local
     out = ex.train_step(model, ser, criterion, opt, *_batch(cfg, 5), cfg, step=False)
     norms = _block_norms(out["term"], list(model.student_backbone.vit.blocks))
-    assert all(n > 0 for n in norms[: cfg.layer]) and all(n == 0 for n in norms[cfg.layer :]), norms
+    assert all(n > 0 for n in norms[: cfg.ser.layer]) and all(n == 0 for n in norms[cfg.ser.layer :]), norms
     hooks = [type(h).__name__ for b in model.teacher_backbone.vit.blocks for h in b._forward_hooks.values()]
     assert "_CaptureHook" not in hooks and "_InertHook" not in hooks  # attached after the copy: no hook at all
 

@@ -11,7 +11,7 @@ def test_quickstart_runs_and_l_equiv_falls():
     spec = importlib.util.spec_from_file_location("quickstart", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    hist = mod.main(["--steps", "20", "--batch", "16", "--b2", "0.5", "--patch", "8"])["history"]
+    hist = mod.main(["--steps", "20", "--batch", "16", "--ser-b2-share", "0.5", "--patch", "8"])["history"]
     assert len(hist) == 20
     first = sum(h["l_equiv"] for h in hist[:5]) / 5
     last = sum(h["l_equiv"] for h in hist[-5:]) / 5

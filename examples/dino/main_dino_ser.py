@@ -1,7 +1,8 @@
 """Official DINO pre-training (facebookresearch/dino, ``main_dino.py``) with SER added.
 
-Runs the user's own checkout, unmodified: the launcher imports ``main_dino`` from it, adds ``--ser_*`` flags to
-its parser and replaces three names before ``train_dino`` runs:
+Runs the user's own checkout, unmodified: the launcher imports ``main_dino`` from it, adds the ``--ser-*`` flags
+of :class:`ser_plugin.SERConfig` to its parser (``ser_plugin.integrations.add_ser_args``, starting from the
+``dino`` recipe of ``ser_plugin.integrations.HOST_RECIPES``) and replaces three names before ``train_dino`` runs:
 
 * ``main_dino.DataAugmentationDINO`` → a subclass that also returns a plain uint8 224 crop per image (the base
   the equivariant views are made from, on the GPU).
@@ -22,7 +23,7 @@ Usage (ViT-S/16, 100 epochs, 8 GPUs, the README's recipe plus SER)::
 
     torchrun --nproc_per_node=8 examples/dino/main_dino_ser.py --dino_dir /path/to/dino \\
       --arch vit_small --data_path /path/to/imagenet/train --output_dir /path/to/out \\
-      --ser_layer 3 --ser_lambda 0.3 --ser_tau 0.5 --ser_b2 0.01
+      --ser-layer 3 --ser-lam 0.3 --ser-tau 0.5 --ser-b2-share 0.01
 
 ``--dino_dir`` may be replaced by the environment variable ``SER_DINO_DIR``.
 """
@@ -32,32 +33,29 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass
 from typing import Any, Iterator, List, Optional
 
 ENV_VAR = "SER_DINO_DIR"
+#: the objective whose recipe (ser_plugin.integrations.HOST_RECIPES) gives this launcher's defaults
+RECIPE = "dino"
 
 
-@dataclass
-class SERConfig:
-    """SER settings for the DINO adapter (defaults: released code's DINO setting, D4 views)."""
+def ser_config(args: Any) -> Any:
+    """The :class:`ser_plugin.SERConfig` of a parsed command line: the DINO recipe, then ``--ser-preset``, then the
+    ``--ser-*`` flags given. The views are normalised like DINO's crops (ImageNet mean/std) unless
+    ``--ser-mean``/``--ser-std`` say otherwise."""
+    from ser_plugin.integrations import IMAGENET_MEAN, IMAGENET_STD, config_from_args, recipe
 
-    layer: int = 3
-    lam: float = 0.3
-    tau: float = 0.5
-    b2: float = 0.01
-    head: bool = False
-    late_cls: bool = False
-
-    @classmethod
-    def from_args(cls, args: Any) -> SERConfig:
-        return cls(args.ser_layer, args.ser_lambda, args.ser_tau, args.ser_b2, args.ser_head, args.ser_late_cls)
+    cfg = config_from_args(args, recipe(RECIPE))
+    if cfg.mean is None:
+        cfg = cfg.replace(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    return cfg
 
 
 class SERState:
     """What the adapter keeps per process: the SER handle (set when the student's optimizer groups are built)."""
 
-    def __init__(self, cfg: SERConfig) -> None:
+    def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
         self.ser: Any = None
         self.pair: Any = None
@@ -102,17 +100,13 @@ def augmentation_with_base(base_cls: type, size: int = 224) -> type:
 def params_groups_with_ser(orig: Any, state: SERState) -> Any:
     """Wraps DINO's ``utils.get_params_groups(student)``: attaches SER to the student backbone first."""
     from ser_plugin import attach_ser
-    from ser_plugin.integrations import IMAGENET_MEAN, IMAGENET_STD, average_grads_across_ranks
+    from ser_plugin.integrations import average_grads_across_ranks
 
     def get_params_groups(model: Any) -> Any:
         groups = orig(model)
         if state.ser is None:
             student = model.module if hasattr(model, "module") else model
-            cfg = state.cfg
-            state.ser = attach_ser(
-                student.backbone, cfg.layer, lam=cfg.lam, tau=cfg.tau, head=cfg.head, late_cls=cfg.late_cls,
-                mean=IMAGENET_MEAN, std=IMAGENET_STD,
-            )
+            state.ser = attach_ser(student.backbone, config=state.cfg)
             dev = next(student.parameters()).device
             state.ser.to(dev)
             head = [p for p in state.ser.parameters() if p.requires_grad]
@@ -142,15 +136,15 @@ class SERBatches:
         return getattr(self.loader, name)
 
     def __iter__(self) -> Iterator[Any]:
-        from ser_plugin.integrations import b2_count, base_to_float, replace_rows
+        from ser_plugin.integrations import b2_count, replace_rows, views_input
 
         ser = self.state.ser
         for images, target in self.loader:
             images = list(images)
             base = images.pop()
-            n = b2_count(base.shape[0], self.state.cfg.b2)
+            n = b2_count(base.shape[0], self.state.cfg.b2_share)
             device = next(ser.model.parameters()).device
-            pair = ser.views(base_to_float(base[-n:].to(device, non_blocking=True)))
+            pair = ser.views(views_input(base[-n:].to(device, non_blocking=True), ser.config.mean, ser.config.std))
             images[0] = replace_rows(images[0].to(device, non_blocking=True), pair.x1)
             images[1] = replace_rows(images[1].to(device, non_blocking=True), pair.x2)
             self.state.pair = pair
@@ -169,18 +163,15 @@ class DINOLossWithSER:
         return getattr(self.inner, name)
 
     def __call__(self, student_output: Any, teacher_output: Any, epoch: int) -> Any:
-        from ser_plugin import SERError
-        from ser_plugin.integrations import loss_from_maps
+        from ser_plugin.integrations import b2_maps, loss_from_maps
 
         loss = self.inner(student_output, teacher_output, epoch)
         ser, pair = self.state.ser, self.state.pair
         caps = ser.captures
         ser.clear()
-        n = len(pair.g1)
-        if not caps or caps[0].shape[0] % 2:
-            raise SERError(f"expected the student's pass over the two global crops as the first capture, got shapes {[tuple(c.shape) for c in caps]}.")
-        b = caps[0].shape[0] // 2  # MultiCropWrapper concatenates global crop 1 (rows 0..b) and 2 (rows b..2b)
-        term = loss_from_maps(ser, pair, caps[0][b - n : b], caps[0][2 * b - n :])
+        # MultiCropWrapper runs the two global crops as one call: rows 0..b crop 1, rows b..2b crop 2 (local crops: later captures)
+        f1, f2 = b2_maps(caps, len(pair.g1), concatenated=True)
+        term = loss_from_maps(ser, pair, f1, f2)
         self.state.last_host_loss, self.state.last_ser_term = loss.detach(), term
         return loss + term
 
@@ -193,7 +184,7 @@ def install(args: Any) -> SERState:
         return STATE
     import utils  # DINO's utils, from the checkout
 
-    state = STATE = SERState(SERConfig.from_args(args))
+    state = STATE = SERState(ser_config(args))
     main_dino.DataAugmentationDINO = augmentation_with_base(main_dino.DataAugmentationDINO)
     utils.get_params_groups = params_groups_with_ser(utils.get_params_groups, state)
     orig_train_one_epoch = main_dino.train_one_epoch
@@ -205,7 +196,7 @@ def install(args: Any) -> SERState:
             from ser_plugin import convert_late_cls
 
             # the teacher is an EMA of the student: same architecture (late [CLS]), no capture hook
-            state.teacher_late = convert_late_cls(teacher_without_ddp.backbone, state.cfg.layer)
+            state.teacher_late = convert_late_cls(teacher_without_ddp.backbone, state.ser.layer)
         return orig_train_one_epoch(
             student, teacher, teacher_without_ddp, DINOLossWithSER(dino_loss, state), SERBatches(data_loader, state), *rest
         )
@@ -215,18 +206,16 @@ def install(args: Any) -> SERState:
 
 
 def add_ser_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("SER (soft equivariance regularization)")
-    g.add_argument("--dino_dir", default=os.environ.get(ENV_VAR), help=f"DINO checkout (or {ENV_VAR})")
-    g.add_argument("--ser_layer", type=int, default=3, help="token map after the first L blocks (paper: 3 of 12)")
-    g.add_argument("--ser_lambda", type=float, default=0.3, help="weight of L_equiv (released code: 0.3 for DINO)")
-    g.add_argument("--ser_tau", type=float, default=0.5, help="InfoNCE temperature (paper: 0.5 for DINO)")
-    g.add_argument("--ser_b2", type=float, default=0.01, help="share of each per-GPU batch with equivariant views (>= 2 images)")
-    g.add_argument("--ser_head", action="store_true", help="LayerNorm+MLP token head (not saved in DINO's checkpoint)")
-    g.add_argument("--ser_late_cls", action="store_true", help="late [CLS] insertion after block L, student and teacher")
+    """``--dino_dir`` (DINO's own flag style) and the ``--ser-*`` flags of :class:`ser_plugin.SERConfig`, with the
+    DINO recipe's defaults in ``--help``."""
+    from ser_plugin.integrations import add_ser_args, recipe
+
+    parser.add_argument("--dino_dir", default=os.environ.get(ENV_VAR), help=f"DINO checkout (or {ENV_VAR})")
+    add_ser_args(parser, base=recipe(RECIPE))
 
 
 def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
-    """DINO's own arguments (``get_args_parser``) plus the ``--ser_*`` flags."""
+    """DINO's own arguments (``get_args_parser``) plus ``--dino_dir`` and the ``--ser-*`` flags."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--dino_dir", default=None)
     known, _ = pre.parse_known_args(argv if argv is not None else sys.argv[1:])

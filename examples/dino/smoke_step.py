@@ -84,10 +84,11 @@ def run(rank: int, opts: argparse.Namespace) -> None:
     utils.MetricLogger.synchronize_between_processes = lambda self: None
     # the launcher's command line: DINO's own parser plus the SER flags (torch.hub.list needs the network)
     torch.hub.list = lambda *a, **k: []
-    cli = adapter.parse_args(["--arch", "vit_small", "--data_path", "x", "--ser_layer", "3", "--ser_lambda", "0.5", "--ser_late_cls"])
-    cli_ok = (cli.ser_layer, cli.ser_lambda, cli.ser_tau, cli.ser_late_cls, cli.arch, cli.batch_size_per_gpu) == (3, 0.5, 0.5, True, "vit_small", 64)
+    cli = adapter.parse_args(["--arch", "vit_small", "--data_path", "x", "--ser-layer", "4", "--ser-lam", "0.5", "--ser-late-cls"])
+    c = adapter.ser_config(cli)  # recipe (dino) -> flags given
+    cli_ok = (c.layer, c.lam, c.tau, c.b2_share, c.late_cls, cli.arch, cli.batch_size_per_gpu) == (4, 0.5, 0.5, 0.01, True, "vit_small", 64)
     args = argparse.Namespace(
-        dino_dir=os.environ[adapter.ENV_VAR], ser_layer=opts.layer, ser_lambda=0.3, ser_tau=0.5, ser_b2=0.25,
+        dino_dir=os.environ[adapter.ENV_VAR], ser_layer=opts.layer, ser_lam=0.3, ser_tau=0.5, ser_b2_share=0.25,
         ser_head=opts.head, ser_late_cls=opts.late_cls, epochs=1, clip_grad=3.0, freeze_last_layer=1,
     )
     plain_aug = main_dino.DataAugmentationDINO

@@ -1,7 +1,9 @@
 """Official MoCo-v3 pre-training (facebookresearch/moco-v3, ``main_moco.py``) with SER added.
 
-Runs the user's own checkout, unmodified: the launcher imports ``main_moco`` from it, adds ``--ser-*`` flags to
-its parser and replaces three names before ``main_worker`` runs (in every spawned process):
+Runs the user's own checkout, unmodified: the launcher imports ``main_moco`` from it, adds the ``--ser-*`` flags
+of :class:`ser_plugin.SERConfig` to its parser (``ser_plugin.integrations.add_ser_args``, starting from the
+``mocov3`` recipe of ``ser_plugin.integrations.HOST_RECIPES``) and replaces three names before ``main_worker``
+runs (in every spawned process):
 
 * ``moco.builder.MoCo_ViT`` → a subclass that attaches SER to the **online** ``base_encoder`` (never the
   momentum encoder), holds the SER handle as its own child (so DDP syncs the optional token head, LARS gets
@@ -19,7 +21,7 @@ Usage (one node, 8 GPUs, ViT-S/16, 100 epochs, the official recipe of CONFIG.md 
       -a vit_small -b 1024 --optimizer=adamw --lr=1.5e-4 --weight-decay=.1 --epochs=100 --warmup-epochs=40 \\
       --stop-grad-conv1 --moco-m-cos --moco-t=.2 \\
       --dist-url 'tcp://localhost:10001' --multiprocessing-distributed --world-size 1 --rank 0 \\
-      --ser-layer 3 --ser-lambda 1.0 --ser-tau 0.3 --ser-b2 0.01 \\
+      --ser-layer 3 --ser-lam 1.0 --ser-tau 0.3 --ser-b2-share 0.01 \\
       /path/to/imagenet
 
 ``--moco-dir`` may be replaced by the environment variable ``SER_MOCOV3_DIR``. MoCo-v3 needs timm 0.4.9
@@ -31,7 +33,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Tuple
 
 ENV_VAR = "SER_MOCOV3_DIR"
@@ -45,20 +46,19 @@ def _ser():
     return ser_plugin, integ
 
 
-@dataclass
-class SERConfig:
-    """SER settings for the MoCo-v3 adapter (defaults: paper's MoCo-v3 setting, D4 views)."""
+#: the objective whose recipe (ser_plugin.integrations.HOST_RECIPES) gives this launcher's defaults
+RECIPE = "mocov3"
 
-    layer: int = 3
-    lam: float = 1.0
-    tau: float = 0.3
-    b2: float = 0.01
-    head: bool = False
-    late_cls: bool = False
 
-    @classmethod
-    def from_args(cls, args: Any) -> SERConfig:
-        return cls(args.ser_layer, args.ser_lambda, args.ser_tau, args.ser_b2, args.ser_head, args.ser_late_cls)
+def ser_config(args: Any) -> Any:
+    """The :class:`ser_plugin.SERConfig` of a parsed command line: the MoCo-v3 recipe, then ``--ser-preset``, then
+    the ``--ser-*`` flags given. The views are normalised like MoCo-v3's crops (ImageNet mean/std) unless
+    ``--ser-mean``/``--ser-std`` say otherwise."""
+    _, integ = _ser()
+    cfg = integ.config_from_args(args, integ.recipe(RECIPE))
+    if cfg.mean is None:
+        cfg = cfg.replace(mean=integ.IMAGENET_MEAN, std=integ.IMAGENET_STD)
+    return cfg
 
 
 def import_mocov3(path: Optional[str] = None) -> Tuple[Any, Any, Any]:
@@ -86,7 +86,7 @@ def import_mocov3(path: Optional[str] = None) -> Tuple[Any, Any, Any]:
     return main_moco, moco.builder, moco.loader
 
 
-def ser_moco_class(base: type, cfg: SERConfig) -> type:
+def ser_moco_class(base: type, cfg: Any) -> type:
     """Subclass of ``moco.builder.MoCo_ViT`` (``base``) that adds SER to the online encoder."""
     ser_plugin, integ = _ser()
 
@@ -94,13 +94,10 @@ def ser_moco_class(base: type, cfg: SERConfig) -> type:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             # child of the MoCo module, not of base_encoder: momentum updates zip the encoders' parameters
-            self.ser = ser_plugin.attach_ser(
-                self.base_encoder, cfg.layer, lam=cfg.lam, tau=cfg.tau, head=cfg.head, late_cls=cfg.late_cls,
-                mean=integ.IMAGENET_MEAN, std=integ.IMAGENET_STD,
-            )
+            self.ser = ser_plugin.attach_ser(self.base_encoder, config=cfg)
             # the momentum encoder is an EMA of the online one: same architecture, so late [CLS] there too (no hook)
-            self.momentum_late_cls = ser_plugin.convert_late_cls(self.momentum_encoder, cfg.layer) if cfg.late_cls else None
-            self.ser_share = cfg.b2
+            self.momentum_late_cls = ser_plugin.convert_late_cls(self.momentum_encoder, self.ser.layer) if cfg.late_cls else None
+            self.ser_share = cfg.b2_share
             self.ser_pair = None  # set by the loader wrapper before every step
             self.last_host_loss = None
             self.last_ser_term = None
@@ -117,9 +114,8 @@ def ser_moco_class(base: type, cfg: SERConfig) -> type:
                 loss = super().forward(x1, x2, m)
             caps = self.ser.captures
             self.ser.clear()
-            if len(caps) != 2:
-                raise ser_plugin.SERError(f"expected the two online-encoder passes to be captured, got {len(caps)}.")
-            term = integ.loss_from_maps(self.ser, pair, caps[0][-n:], caps[1][-n:])
+            f1, f2 = integ.b2_maps(caps, n, exact=True)  # MoCo_ViT runs the online encoder once per crop
+            term = integ.loss_from_maps(self.ser, pair, f1, f2)
             self.last_host_loss, self.last_ser_term = loss.detach(), term
             return loss + term
 
@@ -159,7 +155,7 @@ class SERBatches:
             base = images.pop()
             n = integ.b2_count(base.shape[0], core.ser_share)
             device = next(core.base_encoder.parameters()).device
-            core.ser_pair = core.ser.views(integ.base_to_float(base[-n:].to(device, non_blocking=True)))
+            core.ser_pair = core.ser.views(integ.views_input(base[-n:].to(device, non_blocking=True), core.ser.config.mean, core.ser.config.std))
             yield images, target
 
 
@@ -168,7 +164,7 @@ def install(args: Any) -> None:
     main_moco, builder, loader = import_mocov3(args.moco_dir)
     if getattr(main_moco, "_ser_installed", False):
         return
-    cfg = SERConfig.from_args(args)
+    cfg = ser_config(args)
     builder.MoCo_ViT = ser_moco_class(builder.MoCo_ViT, cfg)
     loader.TwoCropsTransform = two_crops_with_base(loader.TwoCropsTransform, 224, args.crop_min)  # main_moco crops 224
     orig_train = main_moco.train
@@ -190,13 +186,9 @@ def ser_main_worker(gpu: Any, ngpus_per_node: int, args: Any) -> None:
 
 
 def add_ser_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("SER (soft equivariance regularization)")
-    g.add_argument("--ser-layer", type=int, default=3, help="token map after the first L blocks (paper: 3 of 12)")
-    g.add_argument("--ser-lambda", type=float, default=1.0, help="weight of L_equiv (lambda; 0 = views + late CLS control)")
-    g.add_argument("--ser-tau", type=float, default=0.3, help="InfoNCE temperature (paper: 0.3 for MoCo-v3)")
-    g.add_argument("--ser-b2", type=float, default=0.01, help="share of each per-GPU batch that gets equivariant views (>= 2 images)")
-    g.add_argument("--ser-head", action="store_true", help="LayerNorm+MLP token head before the loss (released code), off by default")
-    g.add_argument("--ser-late-cls", action="store_true", help="late [CLS] insertion after block L (paper's architecture)")
+    """The ``--ser-*`` flags of :class:`ser_plugin.SERConfig`, with the MoCo-v3 recipe's defaults in ``--help``."""
+    _, integ = _ser()
+    integ.add_ser_args(parser, base=integ.recipe(RECIPE))
 
 
 def main(argv: Optional[list] = None) -> None:

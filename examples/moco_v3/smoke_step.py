@@ -73,10 +73,12 @@ def run(rank: int, opts: argparse.Namespace) -> None:
 
     adapter.add_ser_arguments(main_moco.parser)  # the launcher's command line: MoCo-v3's parser plus --ser-*
     args = main_moco.parser.parse_args(["unused", "-a", "vit_small", "-b", "8", "--epochs", "1", "--warmup-epochs", "0", "--lr", "1e-3",
-                                        "--ser-layer", "5", "--ser-b2", "0.5", "--ser-head"])
-    cli_ok = (args.ser_layer, args.ser_lambda, args.ser_tau, args.ser_b2, args.ser_head, args.ser_late_cls) == (5, 1.0, 0.3, 0.5, True, False)
+                                        "--ser-layer", "5", "--ser-b2-share", "0.5", "--ser-head"])
+    c = adapter.ser_config(args)  # recipe (mocov3) -> flags given; ImageNet normalisation for the views
+    ser_integ = adapter._ser()[1]
+    cli_ok = (c.layer, c.lam, c.tau, c.b2_share, c.head, c.late_cls, c.mean) == (5, 1.0, 0.3, 0.5, True, False, ser_integ.IMAGENET_MEAN)
     args.moco_dir, args.gpu, args.rank, args.crop_min = os.environ[adapter.ENV_VAR], None, 0, 0.5
-    args.ser_layer, args.ser_lambda, args.ser_tau, args.ser_b2 = opts.layer, 1.0, 0.3, 0.25
+    args.ser_layer, args.ser_lam, args.ser_tau, args.ser_b2_share = opts.layer, 1.0, 0.3, 0.25
     args.ser_head, args.ser_late_cls = opts.head, opts.late_cls
     plain_cls = builder.MoCo_ViT
     adapter.install(args)
@@ -136,8 +138,7 @@ def run(rank: int, opts: argparse.Namespace) -> None:
         i += k
 
     # lambda = 0: the adapter's loss equals the unmodified host's loss on the same inputs and weights
-    cfg0 = adapter.SERConfig.from_args(args)
-    cfg0.lam = 0.0
+    cfg0 = adapter.ser_config(args).replace(lam=0.0)
     ser0 = adapter.ser_moco_class(plain_cls, cfg0)(enc, 32, 64, 0.2)
     plain = plain_cls(enc, 32, 64, 0.2)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("ser.")}

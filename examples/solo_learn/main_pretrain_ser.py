@@ -1,10 +1,13 @@
 """solo-learn pre-training (vturrisi/solo-learn, ``main_pretrain.py``) with SER, through the Lightning callback.
 
-Runs the user's own checkout, unmodified: the launcher imports ``main_pretrain`` from it and replaces three
+Runs the user's own checkout, unmodified: the launcher imports ``main_pretrain`` from it and replaces four
 names before its Hydra ``main`` runs:
 
-* ``main_pretrain.parse_cfg`` → the original, after taking this adapter's settings out of the config
-  (``++ser.layer=3 ++ser.lam=1.0 ...``, see :class:`SERConfig`);
+* ``main_pretrain.parse_cfg`` → the original, after taking the ``ser:`` node out of the config
+  (``++ser.layer=3 ++ser.lam=1.0 ...``: the fields of :class:`ser_plugin.SERConfig`, checked against its
+  structured config ``ser_plugin.integrations.SERStructuredConfig``; defaults: the recipe of ``cfg.method`` in
+  ``ser_plugin.integrations.HOST_RECIPES`` when there is one — mocov3, dino, barlow_twins —, else the library
+  defaults with ``layer=3``; ``++ser.enabled=false`` runs solo-learn without SER);
 * ``main_pretrain.FullTransformPipeline`` → a subclass that appends one plain uint8 crop per image (the base
   of the b2 views) after the method's crops — not listed in ``cfg.augmentations``, so solo's crop-count
   checks are unaffected;
@@ -12,7 +15,10 @@ names before its Hydra ``main`` runs:
   in matched-budget mode: on the **online** ``backbone`` (never ``momentum_backbone``), the b2 views replace
   the last ``|b2|`` rows of the two large crops, layer L is captured during solo's own ``training_step`` and
   ``λ·L_equiv`` is added to its loss. The SER handle (and optional token head) is a child module of the
-  method, so Lightning's DDP syncs it; the head is added to the optimizer as an extra group (weight decay 0).
+  method, so Lightning's DDP syncs it;
+* ``main_pretrain.METHODS`` → the same methods, each subclassed so that ``learnable_params`` (which solo's
+  ``configure_optimizers`` turns into parameter groups) also lists the optional token head
+  (``ser_parameters(self)``, weight decay 0).
 
 Works with every solo method whose ``training_step`` forwards the large crops one by one through
 ``self.backbone`` (BaseMethod / BaseMomentumMethod: mocov3, byol, dino, barlow, simclr, vicreg, ...), with the
@@ -23,7 +29,7 @@ Usage (ImageNet-100, ViT-S/16, MoCo-v3 recipe shipped with solo-learn, 2 GPUs)::
     cd /path/to/solo-learn
     python /path/to/ser_plugin/examples/solo_learn/main_pretrain_ser.py --solo-dir . \\
       --config-path scripts/pretrain/imagenet-100/ --config-name mocov3_vit.yaml data.format=image_folder \\
-      ++ser.layer=3 ++ser.lam=1.0 ++ser.tau=0.3 ++ser.b2=0.05
+      ++ser.layer=3 ++ser.lam=1.0 ++ser.tau=0.3 ++ser.b2_share=0.05
 
 ``--solo-dir`` may be replaced by the environment variable ``SER_SOLO_DIR``.
 """
@@ -33,29 +39,56 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from dataclasses import dataclass, fields
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 ENV_VAR = "SER_SOLO_DIR"
 #: extra Lightning callbacks appended next to SER's (used by the smoke test)
 EXTRA_CALLBACKS: List[Any] = []
 
 
-@dataclass
-class SERConfig:
-    """``++ser.<field>=<value>`` overrides; defaults: paper's MoCo-v3 setting with a larger b2 for small batches."""
+def base_config(method: Optional[str]) -> Any:
+    """The defaults for a solo-learn method: its recipe when there is one, else the library defaults at layer 3."""
+    from ser_plugin.integrations import HOST_RECIPES, recipe
 
-    layer: int = 3
-    lam: float = 1.0
-    tau: float = 0.3
-    b2: float = 0.05
-    head: bool = False
-    late_cls: bool = False
-    enabled: bool = True
+    return recipe(method) if method in HOST_RECIPES else recipe(None, layer=3)
+
+
+def ser_config(node: Any, method: Optional[str]) -> Tuple[Any, bool]:
+    """``(SERConfig, enabled)`` of the ``ser:`` config node (``++ser.<field>=<value>``): the method's defaults,
+    then ``preset``, then the keys given; ``enabled`` (default true) is this launcher's on/off switch."""
+    from ser_plugin.integrations import config_from_structured
+
+    raw: Dict[str, Any] = {}
+    if node is not None:
+        try:
+            from omegaconf import OmegaConf
+
+            raw = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+        except ImportError:  # pragma: no cover - solo-learn needs OmegaConf anyway
+            raw = dict(node)
+    enabled = bool(raw.pop("enabled", True))
+    return config_from_structured(raw, base_config(method)), enabled
+
+
+def with_ser_params(cls: type) -> type:
+    """Subclass of a solo method whose ``learnable_params`` also lists SER's token head (when there is one)."""
+
+    class WithSER(cls):  # type: ignore[misc, valid-type]
+        @property
+        def learnable_params(self) -> List[Dict[str, Any]]:
+            from ser_plugin.integrations.lightning import ser_parameters
+
+            params = list(super().learnable_params)
+            head = ser_parameters(self)
+            return params + ([{"name": "ser_head", "params": head, "weight_decay": 0.0}] if head else [])
+
+    WithSER.__name__, WithSER.__qualname__ = cls.__name__, cls.__qualname__
+    return WithSER
 
 
 class _Run:
-    cfg: Optional[SERConfig] = None
+    cfg: Any = None
+    enabled: bool = True
     solo_cfg: Any = None
     callback: Any = None
     mean_std: Any = None
@@ -105,15 +138,15 @@ def inject(batch: Any, pair: Any) -> Any:
     return [idx, crops, y]
 
 
-def make_callback(cfg: SERConfig, solo_cfg: Any) -> Any:
+def make_callback(cfg: Any, solo_cfg: Any) -> Any:
     from ser_plugin.integrations.lightning import SERCallback
 
-    if RUN.mean_std is None:
-        raise SystemExit("no Normalize found in solo's transform pipeline; the SER views need the same normalisation.")
-    mean, std = RUN.mean_std
+    if cfg.mean is None:
+        if RUN.mean_std is None:
+            raise SystemExit("no Normalize found in solo's transform pipeline; give ++ser.mean=[...] ++ser.std=[...] (the crops' normalisation).")
+        cfg = cfg.replace(mean=RUN.mean_std[0], std=RUN.mean_std[1])
     return SERCallback(
-        cfg.layer, backbone="backbone", b2=cfg.b2, images=lambda batch: batch[1][-1], inject=inject,
-        lam=cfg.lam, tau=cfg.tau, head=cfg.head, late_cls=cfg.late_cls, mean=mean, std=std,
+        config=cfg, backbone="backbone", images=lambda batch: batch[1][-1], inject=inject,
         # the momentum backbone is an EMA of the online one: same (late-[CLS]) architecture, no hook
         late_cls_also=("momentum_backbone",) if cfg.late_cls else (),
     )
@@ -125,20 +158,13 @@ def install() -> None:
 
     if getattr(main_pretrain, "_ser_installed", False):
         return
-    from omegaconf import OmegaConf
-
     orig_parse = main_pretrain.parse_cfg
 
     def parse_cfg(cfg: Any) -> Any:
-        raw = cfg.pop("ser", None) or {}
-        known = {f.name for f in fields(SERConfig)}
-        unknown = set(raw) - known
-        if unknown:
-            raise SystemExit(f"unknown ser.* settings {sorted(unknown)}; known: {sorted(known)}")
-        RUN.cfg = SERConfig(**OmegaConf.to_container(OmegaConf.create(dict(raw)))) if raw else SERConfig()
+        RUN.cfg, RUN.enabled = ser_config(cfg.pop("ser", None), cfg.get("method"))
         cfg = orig_parse(cfg)
         RUN.solo_cfg = cfg
-        if RUN.cfg.enabled and cfg.data.format == "dali":
+        if RUN.enabled and cfg.data.format == "dali":
             raise SystemExit("the SER adapter needs data.format=image_folder (or h5): DALI pipelines run outside the Python transforms.")
         return cfg
 
@@ -154,7 +180,7 @@ def install() -> None:
             aug = RUN.solo_cfg.augmentations[0]
             rrc = aug.get("rrc", {}) or {}
             scale = (float(rrc.get("crop_min_scale", 0.08)), float(rrc.get("crop_max_scale", 1.0)))  # solo's rrc keys
-            self.base_crop = BaseCrop(int(aug.crop_size), scale) if RUN.cfg.enabled else None
+            self.base_crop = BaseCrop(int(aug.crop_size), scale) if RUN.enabled else None
 
         def __call__(self, x: Any) -> Any:
             out = super().__call__(x)
@@ -166,12 +192,13 @@ def install() -> None:
         @functools.wraps(base_trainer.__init__)  # main_pretrain reads the signature to pick Trainer kwargs
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             callbacks = list(kwargs.pop("callbacks", None) or [])
-            if RUN.cfg is not None and RUN.cfg.enabled:
+            if RUN.cfg is not None and RUN.enabled:
                 RUN.callback = make_callback(RUN.cfg, RUN.solo_cfg)
                 callbacks.append(RUN.callback)
             super().__init__(*args, callbacks=callbacks + list(EXTRA_CALLBACKS), **kwargs)
 
     main_pretrain.parse_cfg = parse_cfg
+    main_pretrain.METHODS = {name: with_ser_params(cls) for name, cls in main_pretrain.METHODS.items()}
     main_pretrain.FullTransformPipeline = FullTransformPipelineWithBase
     main_pretrain.Trainer = TrainerWithSER
     main_pretrain._ser_installed = True

@@ -67,7 +67,7 @@ def main() -> None:
                 k = len(list(b.parameters()))
                 norms.append(sum(float(g.norm()) ** 2 for g in grads[i : i + k] if g is not None) ** 0.5)
                 i += k
-            ser = pl_module.ser
+            ser = cb.ser
             opt = trainer.optimizers[0]
             held = {id(p) for g in opt.param_groups for p in g["params"]}
             # the host's loss recomputed by solo's own (unwrapped) training_step on the same injected batch
@@ -91,6 +91,8 @@ def main() -> None:
                 },
                 ser_params=sum(p.numel() for p in ser.parameters()),
                 ser_params_in_optimizer={id(p) for p in ser.parameters()} <= held,
+                ser_group=[g.get("name") for g in opt.param_groups if any(id(p) in {id(q) for q in ser.parameters()} for p in g["params"])],
+                ser_config=[cb.config.layer, cb.config.lam, cb.config.tau, cb.config.b2_share],
                 b2=len(cb._last_pair_for_probe.g1),
                 base_crop=repr(getattr(getattr(getattr(trainer.train_dataloader, "dataset", None), "transform", None), "base_crop", None)),
                 mean_std=adapter.RUN.mean_std,
@@ -117,7 +119,7 @@ def main() -> None:
         "data.dataset=custom", f"data.train_path={root}", "~data.val_path", "data.num_workers=0", "optimizer.batch_size=8",
         "accelerator=cpu", "devices='1'", "strategy=auto", "precision=32", "max_epochs=1", "++max_steps=1",
         "checkpoint.enabled=False", "auto_resume.enabled=False", "++wandb.enabled=False",
-        f"++ser.layer={opts.layer}", f"++ser.lam={opts.lam}", f"++ser.head={opts.head}", f"++ser.late_cls={opts.late_cls}", "++ser.b2=0.25",
+        f"++ser.layer={opts.layer}", f"++ser.lam={opts.lam}", f"++ser.head={opts.head}", f"++ser.late_cls={opts.late_cls}", "++ser.b2_share=0.25",
     ]
     cwd = os.getcwd()
     os.chdir(tempfile.mkdtemp(prefix="ser_solo_run_"))

@@ -1,12 +1,25 @@
-"""SER for any LightningModule with a ViT backbone: :class:`SERCallback`.
+"""SER for any LightningModule with a ViT backbone: :class:`SERCallback` and :func:`ser_parameters`.
 
 Lightning is not a dependency of ser_plugin: this module imports it (``lightning``, else ``pytorch_lightning``)
 when it is imported itself.
 
-The callback attaches SER to the module's backbone at ``setup``, registers the SER handle as a child of the
-module (so it moves with the module, DDP syncs the optional token head, checkpoints hold it), wraps the
-module's ``training_step`` so that the returned loss becomes ``host_loss + λ·L_equiv``, logs ``L_equiv``,
-and undoes all of it at ``teardown``. Two modes:
+The callback observes and adds through Lightning's hooks; the module's ``configure_optimizers`` keeps owning
+the optimizers and LR schedulers (the callback never edits them):
+
+* ``setup``: attaches SER to the module's **online** backbone and registers SER's trainable state (the loss
+  object with its optional token head) as a child of the module, so that it moves with the module, DDP syncs
+  it, and ``self.parameters()`` in ``configure_optimizers`` include it. Optimizers built from explicit
+  parameter lists add :func:`ser_parameters(self) <ser_parameters>`; ``on_fit_start`` raises a
+  :class:`~ser_plugin.SERError` when a trainable SER parameter is in no optimizer.
+* training: the module's ``training_step`` is wrapped so that it returns ``host_loss + λ·L_equiv``; the
+  unweighted ``L_equiv`` is logged.
+* checkpoints: SER's state is kept **out of** the module's ``state_dict`` and saved as the callback's own
+  state (``checkpoint["callbacks"]``), so ``MyModule.load_from_checkpoint(path)`` loads strictly without SER,
+  and ``trainer.fit(module, ckpt_path=path)`` with the callback restores the token head (and the optimizer
+  state that includes it).
+* ``teardown``: hooks, wrapper and child are removed; the module is as before.
+
+Two modes:
 
 * **extra pass** (default, any module): after the host's step, ``|b2|`` images of the batch get two
   equivariant views and SER runs its own forward, stopping after block L (cost: ``2·|b2|`` images through L
@@ -18,10 +31,14 @@ and undoes all of it at ``teardown``. Two modes:
 
 Example::
 
-    from ser_plugin.integrations.lightning import SERCallback
-    trainer = L.Trainer(callbacks=[SERCallback(layer=3, backbone="backbone", b2=0.1,
-                                               images=lambda batch: batch[0], photometric=None)])
-    trainer.fit(MySSLModule(), loader)
+    from ser_plugin.integrations.lightning import SERCallback, ser_parameters
+
+    class MySSL(L.LightningModule):
+        def configure_optimizers(self):
+            return torch.optim.AdamW([*self.backbone.parameters(), *self.head.parameters(), *ser_parameters(self)])
+
+    cb = SERCallback(layer=3, backbone="backbone", b2_share=0.1, images=lambda batch: batch[0], photometric=None)
+    L.Trainer(callbacks=[cb]).fit(MySSL(), loader)
 
 The momentum/teacher network, if the module has one, is never hooked: give the online backbone's path. A
 teacher made by ``copy.deepcopy`` of a hooked backbone gets an inert hook (records nothing).
@@ -35,10 +52,11 @@ import torch
 from torch import Tensor, nn
 
 from ..attach import SER, attach_ser
+from ..config import NOT_CONFIG_OPTIONS, SERConfig
 from ..errors import SERError
 from ..late_cls import convert_late_cls
 from ..views import ViewPair
-from . import add_params_to_optimizer, b2_count, loss_from_maps
+from . import b2_count, b2_maps, loss_from_maps, views_input
 
 try:  # Lightning 2.x
     from lightning.pytorch import Callback, LightningModule, Trainer
@@ -48,11 +66,15 @@ except ImportError:  # pragma: no cover - the older package name
     except ImportError as err:
         raise ImportError("ser_plugin.integrations.lightning needs Lightning: pip install lightning") from err
 
-__all__ = ["SERCallback", "first_image_batch"]
+__all__ = ["SERCallback", "SERModuleState", "ser_parameters", "first_image_batch"]
 
 
 def first_image_batch(batch: Any) -> Tensor:
-    """The first 4-D tensor in a batch (tensor, or nested list/tuple/dict): the default b2 image source."""
+    """The first 4-D tensor in a batch (tensor, or nested list/tuple/dict): the default b2 image source.
+
+    Raises:
+        SERError: no ``(B, C, H, W)`` tensor in the batch.
+    """
     if isinstance(batch, Tensor):
         if batch.dim() == 4:
             return batch
@@ -73,42 +95,79 @@ def first_image_batch(batch: Any) -> Tensor:
     )
 
 
-def _get_path(root: nn.Module, path: str) -> nn.Module:
-    obj: Any = root
-    for part in path.split("."):
-        if not hasattr(obj, part):
-            raise SERError(f"SERCallback(backbone={path!r}): {type(obj).__name__} has no attribute {part!r}; give the dotted path of the online ViT.")
-        obj = getattr(obj, part)
-    if not isinstance(obj, nn.Module):
-        raise SERError(f"SERCallback(backbone={path!r}) is a {type(obj).__name__}, not an nn.Module.")
-    return obj
+class SERModuleState(nn.Module):
+    """SER's trainable state on a LightningModule while it fits: the loss object (``objective``, with the
+    optional token head).
+
+    As a child of the module it moves with ``.to()``, is synchronised by DDP and is included in
+    ``module.parameters()``; but it is left out of the module's ``state_dict`` (and missing keys for it are
+    accepted on load), because :class:`SERCallback` saves it as its own state. A checkpoint therefore loads
+    strictly into the module class with or without the callback.
+    """
+
+    def __init__(self, objective: nn.Module) -> None:
+        super().__init__()
+        self.objective = objective
+        if hasattr(self, "register_state_dict_post_hook"):  # torch >= 2.5 public names; the older private ones otherwise
+            self.register_state_dict_post_hook(_drop_own_keys)
+            self.register_load_state_dict_pre_hook(_keep_own_values)
+        else:  # pragma: no cover
+            self._register_state_dict_hook(_drop_own_keys)
+            self._register_load_state_dict_pre_hook(_keep_own_values, with_module=True)
 
 
-def _extend_schedulers(trainer: Trainer, opt: torch.optim.Optimizer) -> None:
-    """After a group was appended to ``opt``: let the schedulers built for it drive that group like group 0."""
-    group = opt.param_groups[-1]
-    for cfg in getattr(trainer, "lr_scheduler_configs", []) or []:
-        sched = cfg.scheduler
-        if getattr(sched, "optimizer", None) is not opt:
-            continue
-        group.setdefault("initial_lr", group["lr"])
-        for name in ("base_lrs", "_last_lr"):
-            values = getattr(sched, name, None)
-            if isinstance(values, list) and len(values) == len(opt.param_groups) - 1:
-                values.append(values[0] if name == "_last_lr" else group["initial_lr"])
-        for name in ("lr_lambdas", "max_lrs", "min_lrs"):  # LambdaLR / OneCycleLR / ReduceLROnPlateau
-            values = getattr(sched, name, None)
-            if isinstance(values, list) and len(values) == len(opt.param_groups) - 1:
-                values.append(values[0])
+def _drop_own_keys(module: nn.Module, state_dict: Dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        del state_dict[key]
+
+
+def _keep_own_values(module: nn.Module, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+    # a module checkpoint never holds SER's keys: load the current values for them (a no-op) so that strict
+    # loading does not report them missing; SERCallback.load_state_dict restores the saved ones
+    for key, value in _own_state(module).items():
+        state_dict.setdefault(prefix + key, value)
+
+
+def _own_state(module: nn.Module) -> Dict[str, Tensor]:
+    out: Dict[str, Tensor] = {}
+    for name, p in module.named_parameters():
+        out[name] = p.detach()
+    for name, b in module.named_buffers():
+        if b is not None:
+            out[name] = b
+    return out
+
+
+def ser_parameters(module: nn.Module) -> List[nn.Parameter]:
+    """The trainable parameters of the SER state a :class:`SERCallback` registered on ``module`` (the token
+    head; empty without ``head=True`` or without a callback).
+
+    Call it in ``configure_optimizers`` when the optimizer is built from explicit parameter lists (with
+    ``self.parameters()`` they are already included)::
+
+        def configure_optimizers(self):
+            groups = [{"params": self.backbone.parameters()}, {"params": ser_parameters(self), "weight_decay": 0.0}]
+            return torch.optim.AdamW(groups, lr=1e-3)
+
+    Lightning calls ``configure_optimizers`` after the callbacks' ``setup``, so the state exists by then.
+
+    Args:
+        module: the LightningModule.
+
+    Returns:
+        A list of parameters with ``requires_grad`` (possibly empty).
+    """
+    return [p for m in module.children() if isinstance(m, SERModuleState) for p in m.parameters() if p.requires_grad]
 
 
 class SERCallback(Callback):
     """Adds SER to a LightningModule's training without changing its code.
 
     Args:
-        layer: ``L`` — the token map after the first ``L`` blocks of the backbone.
+        layer: ``L`` — the token map after the first ``L`` blocks of the backbone (or ``config.layer``).
+        config: a :class:`~ser_plugin.SERConfig`; ``options`` override its fields. Its ``b2_share`` is the share
+            of each (per-process) batch that gets equivariant views (at least 2 images).
         backbone: dotted path of the **online** ViT on the LightningModule (``"backbone"``, ``"student.vit"``).
-        b2: share of each (per-process) batch that gets equivariant views (at least 2 images).
         images: ``batch -> (B, C, H, W)`` images the b2 rows are taken from (the last ``|b2|`` rows). In
             ``[0, 1]`` when the photometric part is on (the default); with ``photometric=None`` any
             normalisation works (the group action is exact on any values). Default: the first 4-D tensor.
@@ -118,80 +177,126 @@ class SERCallback(Callback):
         late_cls_also: with ``late_cls=True``: dotted paths of networks that must share the online ViT's
             architecture — momentum encoders, EMA teachers — converted to late [CLS] as well (no hook).
         log_name: name under which ``L_equiv`` (unweighted) is logged; ``None`` to not log.
-        attribute: name of the child module that holds the SER handle on the LightningModule.
-        **ser_kwargs: passed to :func:`ser_plugin.attach_ser` (``lam``, ``tau``, ``head``, ``late_cls``, ``scale``,
-            ``photometric``, ``mean``/``std``, ...).
+        attribute: name of the child that holds SER's state on the LightningModule during fit.
+        **options: :class:`~ser_plugin.SERConfig` fields (``lam``, ``tau``, ``b2_share``, ``head``,
+            ``late_cls``, ``photometric``, ``mean``/``std``, ...), ``preset``, and ``attach_ser``'s
+            model-description overrides (``blocks``, ``patch_size``, ``num_prefix_tokens``, ``forward``).
 
     Attributes:
+        config: the resolved :class:`~ser_plugin.SERConfig`.
         ser: the :class:`ser_plugin.SER` handle while fitting.
         last_host_loss, last_term: the host's loss and the added ``λ·L_equiv`` (with graph) of the last step.
+
+    Raises:
+        SERError: at construction for a bad or unknown option or no layer; at ``setup`` for a wrong backbone
+            path or manual optimisation; at ``on_fit_start`` when SER's trainable parameters are in no optimizer.
     """
 
     def __init__(
         self,
-        layer: int,
+        layer: Optional[int] = None,
         *,
+        config: Optional[SERConfig] = None,
         backbone: str = "backbone",
-        b2: float = 0.25,
         images: Optional[Callable[[Any], Tensor]] = None,
         inject: Optional[Callable[[Any, ViewPair], Any]] = None,
         concatenated: bool = False,
         late_cls_also: Sequence[str] = (),
         log_name: Optional[str] = "train_ser_loss",
-        attribute: str = "ser",
-        **ser_kwargs: Any,
+        attribute: str = "ser_state",
+        **options: Any,
     ) -> None:
         super().__init__()
-        b2_count(1000, b2)  # validates the share
-        self.layer, self.backbone, self.b2 = layer, backbone, b2
+        if config is not None and not isinstance(config, SERConfig):
+            raise SERError(f"SERCallback(config=...) must be a SERConfig, got {type(config).__name__}.")
+        SERConfig.check_names(options, also=NOT_CONFIG_OPTIONS)
+        self.attach_options = {k: options.pop(k) for k in list(options) if k in NOT_CONFIG_OPTIONS and k != "preset"}
+        preset = options.pop("preset", None)
+        if preset is not None:
+            if config is not None:
+                raise SERError("give SERCallback either config= or preset=, not both (SERConfig.preset(name, **overrides) combines them).")
+            config = SERConfig.preset(preset)
+        cfg = config if config is not None else SERConfig()
+        if layer is not None:
+            options["layer"] = layer
+        self.config: SERConfig = cfg.replace(**options) if options else cfg
+        if self.config.layer is None:
+            raise SERError("SERCallback needs a layer: SERCallback(layer=L, ...) or config=SERConfig(layer=L); L is the block whose output SER regularises.")
+        self.backbone = backbone
         self.images = images or first_image_batch
         self.inject, self.concatenated = inject, concatenated
         self.late_cls_also = tuple(late_cls_also)
-        if self.late_cls_also and not ser_kwargs.get("late_cls", False):
+        if self.late_cls_also and not self.config.late_cls:
             raise SERError("late_cls_also converts momentum/teacher networks to late [CLS]; it needs late_cls=True.")
         self._late_handles: List[Any] = []
         self.log_name, self.attribute = log_name, attribute
-        self.ser_kwargs: Dict[str, Any] = ser_kwargs
         self.ser: Optional[SER] = None
+        self._state: Optional[SERModuleState] = None
+        self._pending_state: Optional[Dict[str, Any]] = None
+        self._wrapped: Optional[LightningModule] = None
         self.last_host_loss: Optional[Tensor] = None
         self.last_term: Optional[Tensor] = None
-        self._module: Optional[LightningModule] = None
+
+    @property
+    def b2_share(self) -> float:
+        return self.config.b2_share
+
+    @staticmethod
+    def parameters_for(module: nn.Module) -> List[nn.Parameter]:
+        """Same as :func:`ser_parameters`."""
+        return ser_parameters(module)
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(backbone=self.backbone, attribute=self.attribute)
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit" or self.ser is not None:
             return
+        if not pl_module.automatic_optimization:
+            raise SERError(
+                "SERCallback wraps training_step's returned loss, which manual optimisation does not use; with "
+                "automatic_optimization=False attach SER yourself (ser = attach_ser(self.backbone, L)) and add ser.loss(pair) to your loss."
+            )
         if "training_step" in vars(pl_module):
             raise SERError("training_step of this LightningModule is already wrapped (two SERCallbacks?); use one SERCallback per module.")
         if hasattr(pl_module, self.attribute):
             raise SERError(f"{type(pl_module).__name__} already has an attribute {self.attribute!r}; pass SERCallback(attribute='...').")
-        backbone = _get_path(pl_module, self.backbone)
-        others = [_get_path(pl_module, p) for p in self.late_cls_also]
-        self.ser = attach_ser(backbone, self.layer, **self.ser_kwargs)
-        self._late_handles = [convert_late_cls(m, self.layer) for m in others]
-        pl_module.add_module(self.attribute, self.ser)  # moves with the module, DDP syncs its parameters
-        self._module = pl_module
+        backbone = self._get(pl_module, self.backbone)
+        others = [self._get(pl_module, p) for p in self.late_cls_also]
+        self.ser = attach_ser(backbone, config=self.config, **self.attach_options)
+        self._late_handles = [convert_late_cls(m, self.ser.layer) for m in others]
+        self._state = SERModuleState(self.ser.objective)
+        pl_module.add_module(self.attribute, self._state)
+        if self._pending_state is not None:
+            self._load_objective(self._pending_state)
+            self._pending_state = None
         orig = pl_module.training_step
 
         def training_step(batch: Any, batch_idx: int, *args: Any, **kwargs: Any) -> Any:
             return self._step(pl_module, orig, batch, batch_idx, *args, **kwargs)
 
         pl_module.training_step = training_step  # type: ignore[method-assign]
+        self._wrapped = pl_module
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.ser is None or not list(self.ser.parameters()):
+        if self.ser is None:
             return
-        if not trainer.optimizers:
-            raise SERError("SER has parameters (token head) but the trainer has no optimizer.")
-        if len(trainer.optimizers) > 1:
-            held = [{id(p) for g in o.param_groups for p in g["params"]} for o in trainer.optimizers]
-            if not any({id(p) for p in self.ser.parameters()} <= h for h in held):
-                raise SERError("several optimizers and none holds SER's parameters: add pl_module.ser.parameters() to one in configure_optimizers.")
+        self.ser.to(pl_module.device)  # the view policy's buffers (the state moved with the module)
+        trainable = ser_parameters(pl_module)
+        if not trainable:
             return
-        opt = trainer.optimizers[0]
-        base_lr = opt.param_groups[0].get("initial_lr", opt.param_groups[0]["lr"])
-        if add_params_to_optimizer(opt, list(self.ser.parameters()), lr=base_lr, weight_decay=0.0):
-            _extend_schedulers(trainer, opt)
+        held = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
+        missing = [p for p in trainable if id(p) not in held]
+        if missing:
+            n = sum(p.numel() for p in missing)
+            raise SERError(
+                f"SER's token head ({len(missing)} tensors, {n} values) is in no optimizer, so it would never train. "
+                "In configure_optimizers build the optimizer from self.parameters(), or add ser_parameters(self) "
+                "(from ser_plugin.integrations.lightning import ser_parameters), e.g. "
+                "torch.optim.AdamW([*self.backbone.parameters(), *self.head.parameters(), *ser_parameters(self)])."
+            )
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit" or self.ser is None:
@@ -203,18 +308,50 @@ class SERCallback(Callback):
         if "training_step" in vars(pl_module):
             del pl_module.training_step
         if self.attribute in pl_module._modules:
-            del pl_module._modules[self.attribute]
-        self.ser, self._module = None, None
+            delattr(pl_module, self.attribute)
+        self.ser, self._state, self._wrapped = None, None, None
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> Dict[str, Any]:
+        if self._state is None:
+            return {} if self._pending_state is None else dict(self._pending_state)
+        return {"layer": self.ser.layer if self.ser is not None else self.config.layer, "objective": self._state.objective.state_dict()}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self._state is None:  # restored before setup: applied when the state exists
+            self._pending_state = dict(state_dict)
+            return
+        self._load_objective(state_dict)
+
+    def _load_objective(self, state: Dict[str, Any]) -> None:
+        assert self._state is not None
+        try:
+            self._state.objective.load_state_dict(state["objective"])
+        except (KeyError, RuntimeError) as err:
+            raise SERError(
+                f"the checkpoint's SER state does not fit this SERCallback (saved at layer {state.get('layer')}; now head={self.config.head}, "
+                f"head_dims={self.config.head_dims}): {err}. Resume with the same SER options, or start SER afresh without ckpt_path."
+            ) from err
 
     # ------------------------------------------------------------------ the step
+    @staticmethod
+    def _get(root: nn.Module, path: str) -> nn.Module:
+        try:
+            obj = root.get_submodule(path)
+        except AttributeError as err:
+            raise SERError(f"SERCallback: {type(root).__name__} has no submodule {path!r} ({err}); give the dotted path of the online ViT, e.g. backbone='backbone'.") from None
+        return obj
+
     def _views(self, batch: Any, device: torch.device) -> ViewPair:
         x = self.images(batch)
         if not isinstance(x, Tensor) or x.dim() != 4:
             raise SERError(f"SERCallback(images=...) must return a (B, C, H, W) tensor, got {type(x).__name__} {tuple(getattr(x, 'shape', ()))}.")
-        n = b2_count(x.shape[0], self.b2)
+        n = b2_count(x.shape[0], self.config.b2_share)
         x = x[x.shape[0] - n :].to(device)
-        if x.dtype == torch.uint8:
-            x = x.float().div_(255)
+        if x.dtype == torch.uint8:  # raw pixels: [0, 1], then the config's normalisation (the views' input convention)
+            x = views_input(x, self.config.mean, self.config.std)
         assert self.ser is not None
         return self.ser.views(x)
 
@@ -238,18 +375,7 @@ class SERCallback(Callback):
             ser.clear()
             if out is None:
                 return None
-            if self.concatenated:
-                if not caps or caps[0].shape[0] % 2:
-                    raise SERError(f"concatenated=True expects one pass over both views first; captured {[tuple(c.shape) for c in caps]}.")
-                b = caps[0].shape[0] // 2
-                f1, f2 = caps[0][b - n : b], caps[0][2 * b - n :]
-            else:
-                if len(caps) < 2:
-                    raise SERError(
-                        f"the training step ran the backbone {len(caps)} time(s) on the views; matched mode expects one pass per view "
-                        "(or concatenated=True for one pass over both)."
-                    )
-                f1, f2 = caps[0][caps[0].shape[0] - n :], caps[1][caps[1].shape[0] - n :]
+            f1, f2 = b2_maps(caps, n, concatenated=self.concatenated)
             term = loss_from_maps(ser, pair, f1, f2)
         host = out["loss"] if isinstance(out, dict) else out
         if not isinstance(host, Tensor):
