@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -29,6 +30,46 @@ ARM_LABELS = {
     "ser_late": "SER + late [CLS]",
     "ser_head": "SER + token head",
 }
+
+
+def git_commit(root: Optional[Path] = None) -> Dict[str, Any]:
+    """The commit that produces a result: ``{"commit": full sha, "dirty": [changed files that affect results]}``.
+
+    ``dirty`` lists uncommitted changes under ser_plugin/, examples/demo/ and benchmarks/study*.py (the code
+    that produces the demo and study numbers); committed result files must have an empty list.
+    """
+    import subprocess
+
+    root = root or Path(__file__).resolve().parents[3]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=20).stdout.strip()
+        st = subprocess.run(["git", "status", "--porcelain", "--", "ser_plugin", "examples/demo", "benchmarks"], cwd=root,
+                            capture_output=True, text=True, timeout=20).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": []}
+    dirty = [ln[3:] for ln in st if ln[3:].startswith(("ser_plugin", "examples/demo")) or "benchmarks/study" in ln[3:]]
+    dirty = [d for d in dirty if not d.startswith("benchmarks/results")]
+    return {"commit": sha or None, "dirty": dirty}
+
+
+def welch(a: Sequence[float], b: Sequence[float], alpha: float = 0.05) -> Dict[str, Any]:
+    """Welch's t-test of mean(a) vs mean(b) (unequal variances, two-sided): ``{"diff", "p", "verdict"}``.
+
+    ``verdict`` is ``"higher"`` / ``"lower"`` when p < ``alpha`` and ``"within noise"`` otherwise (also when
+    either side has fewer than 2 values, or both have zero variance and equal means).
+    """
+    from scipy import stats
+
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    diff = float(a.mean() - b.mean()) if len(a) and len(b) else float("nan")
+    if len(a) < 2 or len(b) < 2:
+        return {"diff": diff, "p": float("nan"), "verdict": "within noise"}
+    if a.std() == 0 and b.std() == 0:
+        p = 1.0 if diff == 0 else 0.0
+    else:
+        p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    verdict = "within noise" if not p < alpha else ("higher" if diff > 0 else "lower")
+    return {"diff": diff, "p": p, "verdict": verdict}
 
 
 def flatten(metrics: Dict[str, Any]) -> Dict[str, float]:
