@@ -18,23 +18,28 @@ from torch import Tensor, nn
 
 from ser_plugin import equivariance_score
 
+
 # ImageNet-C in miniature: corruptions on images in [0, 1], each with a grid of candidate levels ordered from mild to
 # severe. The three severities actually used per dataset are picked from these grids by benchmarks/study_calibrate.py
 # (so that a trained baseline keeps meaningful accuracy at every severity) and stored in severities.json beside this
 # file. Ops come from kornia where kornia has them (blur, motion blur, brightness, contrast, elastic, JPEG); the noise
 # draws follow kornia's RandomGaussianNoise / RandomSaltAndPepperNoise formulas with a fixed torch.Generator, so every
 # corrupted test set is the same for every arm and seed.
+def _geom(lo: float, hi: float, n: int) -> Tuple[float, ...]:
+    return tuple(float(f"{v:.3g}") for v in np.geomspace(lo, hi, n))
+
+
 CORRUPTION_GRID: Dict[str, Tuple[float, ...]] = {
-    "gaussian_noise": (0.02, 0.04, 0.06, 0.08, 0.1, 0.13, 0.16, 0.2, 0.25, 0.3, 0.4),  # std
-    "shot_noise": (300.0, 150.0, 80.0, 50.0, 30.0, 20.0, 12.0, 8.0, 5.0, 3.0),  # photons at intensity 1 (Poisson)
-    "impulse_noise": (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.14, 0.2, 0.27),  # share of salt-and-pepper pixels
-    "defocus_blur": (0.4, 0.6, 0.8, 1.0, 1.2, 1.5, 1.8, 2.2, 2.7),  # Gaussian sigma (px)
-    "motion_blur": (3.0, 5.0, 7.0, 9.0, 11.0),  # kernel size (px), direction alternating per image
-    "brightness": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7),  # additive shift
-    "contrast": (0.8, 0.65, 0.5, 0.4, 0.3, 0.22, 0.15, 0.1, 0.06),  # factor (1 = unchanged)
-    "elastic": (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0),  # kornia elastic_transform2d alpha
-    "pixelate": (0.85, 0.7, 0.6, 0.5, 0.42, 0.35, 0.3, 0.25),  # down-scale factor before upsampling (nearest)
-    "jpeg": (60.0, 40.0, 25.0, 15.0, 10.0, 6.0, 3.0, 1.0),  # kornia JPEG quality
+    "gaussian_noise": _geom(0.005, 0.5, 15),  # std
+    "shot_noise": _geom(3000.0, 2.0, 15),  # photons at intensity 1 (Poisson); fewer = noisier
+    "impulse_noise": _geom(0.002, 0.3, 15),  # share of salt-and-pepper pixels
+    "defocus_blur": _geom(0.3, 4.0, 14),  # Gaussian sigma (px)
+    "motion_blur": (3.0, 5.0, 7.0, 9.0, 11.0, 13.0, 15.0, 17.0),  # kernel size (px), direction alternating per image
+    "brightness": _geom(0.01, 0.8, 15),  # additive shift
+    "contrast": tuple(float(f"{1 - v:.3g}") for v in np.geomspace(0.02, 0.97, 15)),  # factor (1 = unchanged)
+    "elastic": _geom(0.3, 30.0, 15),  # kornia elastic_transform2d alpha
+    "pixelate": tuple(float(f"{v:.3g}") for v in np.linspace(0.95, 0.12, 15)),  # down-scale factor before upsampling (nearest)
+    "jpeg": (90.0, 75.0, 60.0, 50.0, 40.0, 30.0, 25.0, 20.0, 15.0, 10.0, 8.0, 6.0, 4.0, 2.0, 1.0),  # kornia JPEG quality
 }
 # fallback when a dataset has no calibrated entry (the middle of each grid)
 DEFAULT_SEVERITIES: Dict[str, Tuple[float, ...]] = {k: (v[len(v) // 4], v[len(v) // 2], v[(3 * len(v)) // 4]) for k, v in CORRUPTION_GRID.items()}

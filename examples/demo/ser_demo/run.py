@@ -12,6 +12,19 @@ from .evaluate import evaluate
 from .train import Config, pretrain
 
 
+def run_job(cfg_dict: Dict[str, Any], data: Optional[str], robust: bool, spatial: bool, threads: int = 1) -> Dict[str, Any]:
+    """One (arm, seed) run in a worker process: loads the data itself, runs :func:`run_one` on ``threads`` torch
+    threads and returns the record. Same seed -> same numbers as an in-process run (CPU, deterministic ops)."""
+    import torch
+
+    from .data import load_data
+
+    torch.set_num_threads(threads)
+    cfg = Config(**cfg_dict)
+    split = load_data(data, cfg.img_size, len(cfg.mean))
+    return run_one(cfg, split, robust=robust, spatial=spatial)
+
+
 def run_one(cfg: Config, split: Split, *, robust: bool = True, spatial: bool = False, score_layers: Optional[list] = None,
             progress: Optional[Callable[..., Any]] = None) -> Dict[str, Any]:
     t0 = time.perf_counter()
