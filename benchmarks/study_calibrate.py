@@ -53,6 +53,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    prov = git_commit(ROOT)  # the code as it is when this process starts (it is imported now)
     d = Config()
     table = json.loads(SEVERITY_FILE.read_text()) if SEVERITY_FILE.exists() else {}
     sev = table.get("severities", {})
@@ -91,7 +92,6 @@ def main(argv=None) -> None:
             md.append(f"| {kind} | {lv} | {ac} | {rt} |")
         md.append("")
         print(f"{split.name}: clean {clean:.3f}, {time.perf_counter() - t0:.0f} s", flush=True)
-    prov = git_commit(ROOT)
     out = {"severities": sev, "targets_retained": list(TARGETS), "calibration_seed": args.seed, "git": prov,
            "command": "python benchmarks/study_calibrate.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     SEVERITY_FILE.write_text(json.dumps(out, indent=1) + "\n")

@@ -10,8 +10,9 @@ scales 0.75 and 1.25) the protocol compares the predicted map ``ρ_g(F_k(x))`` w
   removes the floor that a shared mean component gives the raw figure;
 * relative L2: ``‖ρ_g(F_k(x)) − F_k(g·x)‖ / ‖F_k(g·x)‖`` per image (Frobenius norms), averaged over images;
 
-plus the invariance of the final embedding (``1 − cos`` between ``model(x)`` and ``model(g·x)``) when the model
-has a [CLS] token, and three controls that make the numbers meaningful:
+plus the invariance of the final embedding (``1 − cos`` between ``model(x)`` and ``model(g·x)``, both centred on the
+mean clean embedding of the batch so that a shared component does not hide differences) when the model has a
+[CLS] token, and three controls that make the numbers meaningful:
 
 * ``identity``: ``g = e`` through the same code path; must be ≈ 0 (tests the plumbing, eval mode, hooks);
 * ``permutation``: ρ replaced by a fixed random permutation of the token grid, averaged over the D4
@@ -104,6 +105,10 @@ class ProtocolResult:
         resampler: how scale acts: ``{"image": ..., "tokens": ...}``.
         effective_scale: ``{element: the factor the patch-aligned grid actually realises}``.
         images: how many images were measured.
+        map_norm: mean token norm of ``F_k(x)`` per block (vacuity guard: a model whose maps are all zero would
+            score a perfect 0 error).
+        input_change: ``‖g·x − x‖ / ‖x‖`` per D4 element (vacuity guard: an element that leaves the images
+            unchanged tests nothing; 0 means the images are symmetric under it).
     """
 
     blocks: List[int]
@@ -113,6 +118,8 @@ class ProtocolResult:
     resampler: Dict[str, str] = field(default_factory=dict)
     effective_scale: Dict[str, float] = field(default_factory=dict)
     images: int = 0
+    map_norm: List[float] = field(default_factory=list)
+    input_change: Dict[str, float] = field(default_factory=dict)
 
     def rotation_summary(self) -> Dict[int, float]:
         """Mean cosine similarity (1 − mean of ``one_minus_cos``) over the three quarter turns, per block
@@ -127,6 +134,7 @@ class ProtocolResult:
         """JSON-ready dictionary (blocks as given, rotation summary included)."""
         return {"blocks": self.blocks, "errors": self.errors, "controls": self.controls, "cls_invariance": self.cls_invariance,
                 "resampler": self.resampler, "effective_scale": self.effective_scale, "images": self.images,
+                "map_norm": self.map_norm, "input_change": self.input_change,
                 "rotation_summary": {str(k): v for k, v in self.rotation_summary().items()}}
 
     def table(self, metric: str = "one_minus_cos") -> str:
@@ -305,13 +313,21 @@ def measure_equivariance(
     maps, close = measure(model, blist)
     try:
         base, out0 = maps(x)
+        result.map_norm = [float(base[b].norm(dim=1).mean()) for b in result.blocks]
         e0 = embedding(out0)
+        if e0 is not None and n > 1:  # centre the embeddings on the clean batch mean (removes the shared component)
+            centre = e0.mean(0, keepdim=True)
+            e0 = e0 - centre
+        else:
+            centre = None
         cls: Dict[str, float] = {}
         for name, spec in specs.items():
             k, f, s = spec
             g = _element(name, spec, n, dev)
             if s == 1.0:
-                moved, out = maps(act_image(x, g))
+                gx = act_image(x, g)
+                result.input_change[name] = float((gx - x).flatten(1).norm(dim=1).mean() / x.flatten(1).norm(dim=1).mean().clamp_min(1e-12))
+                moved, out = maps(gx)
                 pred = {b: _rho(base[b], g) for b in base}
             else:
                 cells = max(1, int(round(grid * s)))
@@ -328,6 +344,8 @@ def measure_equivariance(
             errs = [map_errors(pred[b], moved[b]) for b in result.blocks]
             result.errors[name] = {m: [e[m] for e in errs] for m in METRICS}
             e1 = embedding(out)
+            if e1 is not None and centre is not None:
+                e1 = e1 - centre
             if e0 is not None and e1 is not None and has_cls:
                 cls[name] = float(1 - F.cosine_similarity(e0.double(), e1.double(), dim=1).mean())
         result.cls_invariance = cls if has_cls and cls else None

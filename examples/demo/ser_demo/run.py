@@ -26,11 +26,11 @@ def run_job(cfg_dict: Dict[str, Any], data: Optional[str], robust: bool, spatial
 
 
 def run_one(cfg: Config, split: Split, *, robust: bool = True, spatial: bool = False, score_layers: Optional[list] = None,
-            progress: Optional[Callable[..., Any]] = None) -> Dict[str, Any]:
+            progress: Optional[Callable[..., Any]] = None, eval_kw: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     t0 = time.perf_counter()
     tr = pretrain(cfg, split.x_train, progress=progress)
     t1 = time.perf_counter()
-    metrics = evaluate(tr.backbone, split, tr.cfg, robust=robust, spatial=spatial, score_layers=score_layers)
+    metrics = evaluate(tr.backbone, split, tr.cfg, robust=robust, spatial=spatial, score_layers=score_layers, **(eval_kw or {}))
     t2 = time.perf_counter()
     h = tr.history
     tail = h[-max(1, len(h) // 10):]

@@ -320,9 +320,10 @@ def pretrain(cfg: Config, x_train: Tensor, progress: Optional[Callable[..., Any]
                 obj.proj.cancel_last_layer_gradients(epoch)
             torch.nn.utils.clip_grad_norm_(params, 3.0)
             opt.step()
+            lr = opt.param_groups[0]["lr"]
             sched.step()
             obj.update_teacher(backbone, obj.momentum(step, total))
-            rec = {"step": step, "loss": float(loss.detach()), "inv": float(inv.detach()),
+            rec = {"step": step, "lr": lr, "loss": float(loss.detach()), "inv": float(inv.detach()),
                    "equiv": float(ser.last_loss) if ser is not None and ser.last_loss is not None else float("nan"),
                    "t": time.perf_counter() - t0}
             if not math.isfinite(rec["loss"]):
