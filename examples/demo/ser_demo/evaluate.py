@@ -245,7 +245,7 @@ def spatial_transfer(model: nn.Module, x_train: Tensor, x_test: Tensor, mean: Te
 
 
 def evaluate(model: nn.Module, split: Any, cfg: Any, *, robust: bool = True, spatial: bool = False,
-             n_equiv: int = 256, n_robust: int = 256, n_protocol: int = 64, score_layers: Optional[List[int]] = None) -> Dict[str, Any]:
+             n_equiv: int = 128, n_robust: int = 256, n_protocol: int = 32, score_layers: Optional[List[int]] = None) -> Dict[str, Any]:
     """All frozen-feature metrics for one trained backbone. ``split``: :class:`data.Split`; ``cfg``: train.Config."""
     dev = next(model.parameters()).device
     c = split.x_train.shape[1]
