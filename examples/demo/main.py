@@ -179,6 +179,7 @@ def main(argv=None) -> dict:
         "seeds": seeds,
         "wall_s": wall,
         "parent_cpu_s": cpu,
+        "runs_cpu_s": sum(records[a][s]["metrics"].get("cpu_s", 0.0) for a in arms for s in seeds),
         "jobs": 1 if args.smoke else jobs,
         "threads_per_job": args.threads,
         "load_avg_at_end": os.getloadavg(),
@@ -195,8 +196,9 @@ def main(argv=None) -> dict:
     (out / "demo_results.json").write_text(json.dumps(payload, indent=1) + "\n")
     sha = (prov["commit"] or "unknown")[:12] + (" + uncommitted changes in " + ", ".join(prov["dirty"]) if prov["dirty"] else "")
     md = [f"# SER demo ({split.name}, {base.objective})", "", f"Command: `{payload['command']}`  ", f"Commit: `{sha}`  ",
-          f"Seeds {seeds}; wall time {wall:.0f} s with {payload['jobs']} process(es) x {args.threads} thread(s) (load average at the "
-          f"end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores); torch {torch.__version__}.", "", table, "",
+          f"Seeds {seeds}; wall time {wall:.0f} s with {payload['jobs']} process(es) x {args.threads} thread(s); the runs used "
+          f"{payload['runs_cpu_s']:.0f} s of CPU in all (load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: "
+          f"other jobs shared the machine when it is well above {payload['jobs']}); torch {torch.__version__}.", "", table, "",
           f"Verdict per metric against `{ref}` — {payload['verdict_test']}; 'better'/'worse' take the metric's direction into account:", "",
           vtable, ""]
     if ptable:
@@ -220,7 +222,7 @@ def main(argv=None) -> dict:
     if ptable:
         print()
         print(ptable)
-    print(f"\nwall time {wall:.0f} s; wrote {out}/demo_results.json, .md, .png, demo_protocol.png")
+    print(f"\nwall time {wall:.0f} s (runs' CPU time {payload['runs_cpu_s']:.0f} s); wrote {out}/demo_results.json, .md, .png, demo_protocol.png")
     return payload
 
 

@@ -27,7 +27,7 @@ def run_job(cfg_dict: Dict[str, Any], data: Optional[str], robust: bool, spatial
 
 def run_one(cfg: Config, split: Split, *, robust: bool = True, spatial: bool = False, score_layers: Optional[list] = None,
             progress: Optional[Callable[..., Any]] = None, eval_kw: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     tr = pretrain(cfg, split.x_train, progress=progress)
     t1 = time.perf_counter()
     metrics = evaluate(tr.backbone, split, tr.cfg, robust=robust, spatial=spatial, score_layers=score_layers, **(eval_kw or {}))
@@ -37,6 +37,7 @@ def run_one(cfg: Config, split: Split, *, robust: bool = True, spatial: bool = F
     metrics.update(
         train_s=t1 - t0,
         eval_s=t2 - t1,
+        cpu_s=time.process_time() - c0,
         steps=tr.steps,
         final_inv_loss=float(np.mean([r["inv"] for r in tail])),
         final_equiv_loss=float(np.mean([r["equiv"] for r in tail])),
