@@ -69,10 +69,11 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
 }
 ONE_FACTOR = ["default", "lam0.1", "lam0.3", "lam3", "L1", "L4", "b2_10", "head"]
 PLANS: Dict[str, List[tuple]] = {
-    # (datasets, variants) blocks in priority order (the CPU budget may end the plan early; the report says what ran)
-    "main": [(DATASETS, ["baseline", "default"]), (DATASETS, ["lam0.3", "head"]),
-             (("digits",), ["barlow_baseline", "barlow_lam1", "barlow_lam5", "barlow_lam25"]),
-             (DATASETS, ["lam3", "lam0.1"]), (DATASETS, ["L1", "L4", "b2_10"])],
+    # (datasets, variants) blocks in priority order (the CPU budget may end the plan early; the report says what ran).
+    # digits baseline/default are the demo's own runs (same config), imported from demo_results.json (import_demo).
+    "main": [(("textures", "photos"), ["baseline", "default"]), (("digits",), ["lam0.3", "head", "lam3"]),
+             (("digits",), ["barlow_baseline", "barlow_lam1", "barlow_lam25"]), (("textures", "photos"), ["lam0.3", "head"]),
+             (DATASETS, ["lam0.1", "L1", "L4", "b2_10"]), (("textures", "photos"), ["lam3"]), (("digits",), ["barlow_lam5"])],
 }
 # claims of the paper: (metric key, higher is better, label)
 CLAIMS = [("eq_centred_at_L", True, "equivariance up"), ("linear_top1", True, "accuracy up or equal"),
@@ -89,8 +90,7 @@ def run_name(dataset: str, variant: str, seed: int) -> str:
 
 def config_for(dataset_split: Any, variant: str, seed: int) -> Config:
     c = dataset_split.x_train.shape[1]
-    kw = {"objective": "mocov3", **VARIANTS[variant]}
-    return Config(seed=seed, steps=STEPS, mean=dataset_split.mean[:c], std=dataset_split.std[:c], **kw)
+    return config_for_dims(variant, seed, dataset_split.mean[:c], dataset_split.std[:c])
 
 
 def jobs_for(plan: str, seeds: List[int], datasets: Optional[List[str]], variants: Optional[List[str]]) -> List[tuple]:
@@ -107,11 +107,43 @@ def jobs_for(plan: str, seeds: List[int], datasets: Optional[List[str]], variant
     return out
 
 
+def import_demo(path: Path = RESULTS / "demo_results.json") -> List[str]:
+    """The demo's runs are the study's digits ``baseline`` / ``default`` runs when their configuration is the
+    study's (same steps, model, λ, layer, b2 share): they are written to the run cache with the demo's commit and
+    ``"source": "demo_results.json"`` instead of being trained twice. Returns the names written."""
+    if not path.exists():
+        return []
+    demo = json.loads(path.read_text())
+    if demo.get("smoke") or demo.get("data") != "digits24":
+        return []
+    written = []
+    for arm, variant in (("baseline", "baseline"), ("ser", "default")):
+        for seed, rec in (demo.get("arms", {}).get(arm) or {}).items():
+            cfg = rec["config"]
+            want = json.loads(json.dumps(config_for_dims(variant, int(seed), cfg["mean"], cfg["std"]).resolved().to_dict()))
+            if any(want[k] != cfg.get(k) for k in want if k not in ("mean", "std")):
+                continue
+            out = RUNS / (run_name("digits", variant, int(seed)) + ".json")
+            if out.exists():
+                continue
+            out.write_text(json.dumps({**rec, "dataset": "digits24", "variant": variant, "git": demo.get("git"),
+                                       "source": "demo_results.json", "command": demo.get("command")}, indent=1) + "\n")
+            written.append(out.stem)
+    return written
+
+
+def config_for_dims(variant: str, seed: int, mean: Any, std: Any) -> Config:
+    kw = {"objective": "mocov3", **VARIANTS[variant]}
+    return Config(seed=seed, steps=STEPS, mean=tuple(mean), std=tuple(std), **kw)
+
+
 def run_jobs(jobs: List[tuple]) -> None:
     RUNS.mkdir(parents=True, exist_ok=True)
     prov = git_commit(ROOT)
     splits: Dict[str, Any] = {}
     for d, v, seed in jobs:
+        if (RUNS / "STOP").exists():  # touch study_sens_runs/STOP to end the workers after their current run
+            break
         path = RUNS / (run_name(d, v, seed) + ".json")
         claim = path.with_suffix(".running")
         if path.exists():
@@ -138,6 +170,7 @@ def run_jobs(jobs: List[tuple]) -> None:
 
 
 def load_runs() -> List[Dict[str, Any]]:
+    import_demo()
     return [json.loads(p.read_text()) for p in sorted(RUNS.glob("*.json"))]
 
 
