@@ -243,11 +243,33 @@ def report(commands: List[str]) -> Dict[str, Any]:
                 cells.append(f"{t['diff'] * sc:+.{1 if sc == 100 else 3}f} (p={t['p']:.2g}, **{t['claim']}**)")
             md.append(f"| {v} | " + " | ".join(cells) + " |")
         md.append("")
+        md += per_corruption(d, [r for r in runs if r["dataset"] == d])
         plot(d, rows)
     summary = {"datasets": summ, "runs": len(runs), "summed_run_s": total, "commits": commits, "commands": commands}
     (RESULTS / "study_sens_results.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
     (RESULTS / "study_sens_results.md").write_text("\n".join(md) + "\n")
     return summary
+
+
+def per_corruption(dataset: str, runs: List[Dict[str, Any]]) -> List[str]:
+    """Per-corruption probe top-1 (mean over the 3 severities; mean ± std over seeds), flip probability per sequence
+    and the severities used, one row per variant."""
+    by: Dict[str, List[Dict[str, Any]]] = {}
+    for r in runs:
+        by.setdefault(r["variant"], []).append(r["metrics"]["robustness"])
+    if not by:
+        return []
+    first = next(iter(by.values()))[0]
+    kinds, seqs = list(first["corrupted_acc"]), list(first["flip_rate"])
+    sev = ", ".join(f"{k} {'/'.join(f'{v:g}' for v in first['severities'][k])}" for k in kinds)
+    lines = [f"Per corruption ({dataset}): probe top-1 % (mean of 3 severities) and flip probability per sequence; "
+             f"severities: {sev}.", "", "| variant | " + " | ".join(kinds + [f"flip {q}" for q in seqs]) + " |",
+             "|---|" + "---|" * (len(kinds) + len(seqs))]
+    for v, rs in by.items():
+        cells = [fmt(mean_std([float(np.mean(r["corrupted_acc"][k])) for r in rs]), 100, 1) for k in kinds]
+        cells += [fmt(mean_std([r["flip_rate"][q] for r in rs]), 1, 3) for q in seqs]
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def plot(dataset: str, rows: Dict[str, Any]) -> None:
