@@ -247,6 +247,8 @@ def plot_protocol(per_seed: Dict[str, List[Dict[str, Any]]], untrained: Any, pat
         ax.plot(untrained["blocks"], [np.mean([untrained["errors"][e]["one_minus_cos_centred"][j] for e in d4])
                                       for j in range(len(untrained["blocks"]))], "-.", color="0.4", label="untrained ViT")
     ax.axvline(layer, color="0.8", lw=4, zorder=0)
+    if untrained:
+        ax.set_xticks(untrained["blocks"])
     ax.set_xlabel("block (grey bar: SER layer L)")
     ax.set_ylabel("1 − cos (centred), mean over D4 \\ {e}")
     ax.set_title("equivariance error per block (0 = exact; mean ± std over seeds)", fontsize=9)
