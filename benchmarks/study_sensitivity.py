@@ -206,9 +206,13 @@ def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
     return out
 
 
-def fmt(ms: tuple, k: float, d: int) -> str:
+def summ_claims(row: Dict[str, Any]) -> bool:
+    return bool(row.get("claims"))
+
+
+def fmt(ms: tuple, k: float, d: int, n: int = 2) -> str:
     m, s = ms
-    return "–" if not np.isfinite(m) else f"{m * k:.{d}f} ± {s * k:.{d}f}"
+    return "–" if not np.isfinite(m) else (f"{m * k:.{d}f}" if n < 2 else f"{m * k:.{d}f} ± {s * k:.{d}f}")
 
 
 def report(commands: List[str]) -> Dict[str, Any]:
@@ -224,15 +228,15 @@ def report(commands: List[str]) -> Dict[str, Any]:
           "same objective, p < 0.05 = confirmed/refuted, otherwise *within noise*. 'equiv. centred @L' is "
           "ser_plugin.equivariance_score (centred cosine, D4) at the variant's SER layer, compared with the baseline's score at "
           "that same layer.", "",
-          f"Runs: {len(runs)}; summed train+eval time {total / 60:.1f} min (1 torch thread per process, 2 processes under nice 10 "
-          f"on a 2-core machine shared with other jobs); commits: {', '.join(c[:10] for c in commits)}.", "", "Commands:", ""]
+          f"Runs: {len(runs)}; summed train+eval time {total / 60:.1f} min (1 torch thread per process, 2–3 processes under nice 10 "
+          f"on a 2-core machine shared with other jobs, load average 6–11); commits: {', '.join(c[:10] for c in commits)}.", "", "Commands:", ""]
     md += [f"    {c}" for c in commands] + [""]
     for d, rows in summ.items():
         md += [f"## {d}", "", "| variant | seeds | " + " | ".join(lab for _, lab, _, _ in COLS) + " |", "|---|---|" + "---|" * len(COLS)]
         for v, row in rows.items():
-            md.append(f"| {v} | {len(row['seeds'])} | " + " | ".join(fmt(row["metrics"][k], sc, dg) for k, _, sc, dg in COLS) + " |")
+            md.append(f"| {v} | {len(row['seeds'])} | " + " | ".join(fmt(row["metrics"][k], sc, dg, len(row["seeds"])) for k, _, sc, dg in COLS) + " |")
         md += ["", f"Claims per variant vs its baseline ({d}): Δ (p, verdict)", "",
-               "| variant | " + " | ".join(lab for _, _, lab in CLAIMS) + " |", "|---|" + "---|" * len(CLAIMS)]
+               "| variant | seeds | " + " | ".join(lab for _, _, lab in CLAIMS) + " |", "|---|---|" + "---|" * len(CLAIMS)]
         for v, row in rows.items():
             if not row["claims"]:
                 continue
@@ -241,11 +245,28 @@ def report(commands: List[str]) -> Dict[str, Any]:
                 t = row["claims"][lab]
                 sc = 100 if key in ("linear_top1", "mCA", "mD4") else 1
                 cells.append(f"{t['diff'] * sc:+.{1 if sc == 100 else 3}f} (p={t['p']:.2g}, **{t['claim']}**)")
-            md.append(f"| {v} | " + " | ".join(cells) + " |")
+            md.append(f"| {v} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
         md.append("")
         md += per_corruption(d, [r for r in runs if r["dataset"] == d])
         plot(d, rows)
-    summary = {"datasets": summ, "runs": len(runs), "summed_run_s": total, "commits": commits, "commands": commands}
+    # the recommendation criterion: equivariance confirmed and no accuracy/robustness claim refuted, per dataset
+    variants = sorted({v for rows in summ.values() for v in rows if summ_claims(rows[v])}, key=list(VARIANTS).index)
+    ok: Dict[str, Dict[str, str]] = {}
+    for v in variants:
+        for d, rows in summ.items():
+            if v in rows and rows[v]["claims"]:
+                c = rows[v]["claims"]
+                eq = c["equivariance up"]["claim"]
+                bad = [lab for lab, t in c.items() if lab != "equivariance up" and t["claim"] == "refuted"]
+                verdict = ("**yes**" if eq == "confirmed" and not bad else "no") + f" (equiv. {eq}" + (f"; refuted: {', '.join(bad)}" if bad else "") + ")"
+                ok.setdefault(v, {})[d] = verdict + ("" if len(rows[v]["seeds"]) >= 3 else f" [{len(rows[v]['seeds'])} seed(s)]")
+    md += ["## Which configuration gives the paper's benefits?", "",
+           "Criterion: equivariance up *confirmed* (p < 0.05) and no accuracy or robustness claim *refuted*, per dataset.", "",
+           "| variant | " + " | ".join(summ) + " |", "|---|" + "---|" * len(summ)]
+    for v in variants:
+        md.append(f"| {v} | " + " | ".join(ok[v].get(d, "not run") for d in summ) + " |")
+    md.append("")
+    summary = {"recommendation_criterion": ok, "datasets": summ, "runs": len(runs), "summed_run_s": total, "commits": commits, "commands": commands}
     (RESULTS / "study_sens_results.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
     (RESULTS / "study_sens_results.md").write_text("\n".join(md) + "\n")
     return summary
@@ -266,8 +287,8 @@ def per_corruption(dataset: str, runs: List[Dict[str, Any]]) -> List[str]:
              f"severities: {sev}.", "", "| variant | " + " | ".join(kinds + [f"flip {q}" for q in seqs]) + " |",
              "|---|" + "---|" * (len(kinds) + len(seqs))]
     for v, rs in by.items():
-        cells = [fmt(mean_std([float(np.mean(r["corrupted_acc"][k])) for r in rs]), 100, 1) for k in kinds]
-        cells += [fmt(mean_std([r["flip_rate"][q] for r in rs]), 1, 3) for q in seqs]
+        cells = [fmt(mean_std([float(np.mean(r["corrupted_acc"][k])) for r in rs]), 100, 1, len(rs)) for k in kinds]
+        cells += [fmt(mean_std([r["flip_rate"][q] for r in rs]), 1, 3, len(rs)) for q in seqs]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     return lines + [""]
 
