@@ -197,7 +197,8 @@ def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
         if base and v != base_name:
             for key, up, label in CLAIMS:
                 a = [scalar(r, key, layer) for r in rs]
-                b = [scalar(r, key, layer) for r in base]  # the baseline measured at the same layer
+                # the baseline measured at the same layer (runs that scored that layer)
+                b = [scalar(r, key, layer) for r in base if key != "eq_centred_at_L" or str(layer) in r["metrics"]["equivariance"]]
                 t = welch(a, b)
                 good = (t["verdict"] == "higher") == up if t["verdict"] != "within noise" else None
                 t["claim"] = "within noise" if good is None else ("confirmed" if good else "refuted")

@@ -121,7 +121,8 @@ def main(argv=None) -> dict:
             split.x_test, split.y_test = split.x_test[:96], split.y_test[:96]
         for arm, seed in todo:
             small = dict(n_equiv=64, n_robust=64, n_protocol=16) if args.smoke else None
-            done(arm, seed, run_one(Config(**{**base.to_dict(), "arm": arm, "seed": seed}), split, robust=robust, spatial=spatial, eval_kw=small))
+            done(arm, seed, run_one(Config(**{**base.to_dict(), "arm": arm, "seed": seed}), split, robust=robust, spatial=spatial,
+                                    score_layers=list(range(1, base.depth + 1)), eval_kw=small))
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed

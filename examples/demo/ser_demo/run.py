@@ -22,7 +22,7 @@ def run_job(cfg_dict: Dict[str, Any], data: Optional[str], robust: bool, spatial
     torch.set_num_threads(threads)
     cfg = Config(**cfg_dict)
     split = load_data(data, cfg.img_size, len(cfg.mean))
-    return run_one(cfg, split, robust=robust, spatial=spatial)
+    return run_one(cfg, split, robust=robust, spatial=spatial, score_layers=list(range(1, cfg.depth + 1)))
 
 
 def run_one(cfg: Config, split: Split, *, robust: bool = True, spatial: bool = False, score_layers: Optional[list] = None,
