@@ -124,6 +124,8 @@ def import_demo(path: Path = RESULTS / "demo_results.json") -> List[str]:
             if any(want[k] != cfg.get(k) for k in want if k not in ("mean", "std")):
                 continue
             out = RUNS / (run_name("digits", variant, int(seed)) + ".json")
+            if variant == "baseline" and len(rec["metrics"].get("equivariance", {})) < cfg["depth"]:
+                continue  # the baseline is compared at every variant's layer: it needs the score at all of them
             if out.exists():
                 continue
             out.write_text(json.dumps({**rec, "dataset": "digits24", "variant": variant, "git": demo.get("git"),
