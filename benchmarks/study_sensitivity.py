@@ -60,6 +60,7 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "head_lam3": dict(arm="ser_head", lam=3.0),
     "L4_lam0.3": dict(arm="ser", layer=4, lam=0.3),
     "b2_10_lam0.3": dict(arm="ser", b2_share=0.10, lam=0.3),
+    "b2_10_lam3": dict(arm="ser", b2_share=0.10, lam=3.0),
     # Barlow Twins lambda sweep
     "barlow_baseline": dict(objective="barlow", arm="baseline"),
     "barlow_lam1": dict(objective="barlow", arm="ser", lam=1.0),
