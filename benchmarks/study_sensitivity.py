@@ -232,8 +232,8 @@ def report(commands: List[str]) -> Dict[str, Any]:
           "same objective, p < 0.05 = confirmed/refuted, otherwise *within noise*. 'equiv. centred @L' is "
           "ser_plugin.equivariance_score (centred cosine, D4) at the variant's SER layer, compared with the baseline's score at "
           "that same layer.", "",
-          f"Runs: {len(runs)}; summed train+eval time {total / 60:.1f} min (1 torch thread per process, 2–3 processes under nice 10 "
-          f"on a 2-core machine shared with other jobs, load average 6–11); commits: {', '.join(c[:10] for c in commits)}.", "", "Commands:", ""]
+          f"Runs: {len(runs)}; summed train+eval time {total / 60:.1f} min (1 torch thread per process, 2–5 processes under nice 10 "
+          f"on a 2-core machine shared with other jobs, load average 2–11); commits: {', '.join(c[:10] for c in commits)}.", "", "Commands:", ""]
     md += [f"    {c}" for c in commands] + [""]
     for d, rows in summ.items():
         md += [f"## {d}", "", "| variant | seeds | " + " | ".join(lab for _, lab, _, _ in COLS) + " |", "|---|---|" + "---|" * len(COLS)]
