@@ -301,13 +301,17 @@ def plot(dataset: str, rows: Dict[str, Any]) -> None:
     """Bars with ± std error bars per variant: linear top-1, equivariance at L, corrupted top-1, flip probability."""
     from matplotlib.figure import Figure
 
-    names = list(rows)
+    names = sorted(rows, key=lambda n: (("baseline" not in n), list(VARIANTS).index(n) if n in VARIANTS else 99))
+    palette = [f"C{i}" for i in range(10) if i != 7]  # C7 is grey, kept for the baselines
     fig = Figure(figsize=(16, 3.8))
     for j, (key, lab, sc, _) in enumerate([COLS[0], COLS[2], COLS[5], COLS[6]]):
         ax = fig.add_subplot(1, 4, j + 1)
         ms = [rows[n]["metrics"][key] for n in names]
         ax.bar(range(len(names)), [m * sc for m, _ in ms], yerr=[s * sc for _, s in ms], capsize=3,
-               color=["0.5" if "baseline" in n else f"C{i % 10}" for i, n in enumerate(names)])
+               color=["0.5" if "baseline" in n else palette[i % len(palette)] for i, n in enumerate(names)])
+        base = [rows[n]["metrics"][key][0] * sc for n in names if n == "baseline"]
+        if base:
+            ax.axhline(base[0], color="0.5", ls="--", lw=1)
         ax.set_xticks(range(len(names)), names, rotation=45, fontsize=7, ha="right")
         ax.set_title(lab, fontsize=9)
         lo = min(m - s for m, s in ms) * sc
