@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's ser_plugin first
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from ser_demo.data import load_data  # noqa: E402
-from ser_demo.report import flatten, margin_in_std, markdown_table, mean_std  # noqa: E402
+from ser_demo.report import flatten, git_commit, margin_in_std, markdown_table, mean_std  # noqa: E402
 from ser_demo.run import run_one  # noqa: E402
 from ser_demo.train import ARMS, OBJECTIVES, Config  # noqa: E402
 
@@ -51,7 +51,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--objectives", default="mocov3")
     p.add_argument("--arms", default=",".join(STUDY_ARMS))
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--width", type=int, default=d.width)
     p.add_argument("--depth", type=int, default=d.depth)
     p.add_argument("--batch", type=int, default=d.batch)
@@ -96,6 +96,7 @@ def run_jobs(args: argparse.Namespace, runs_dir: Path) -> None:
     split = load_data(args.data)
     c = split.x_train.shape[1]
     jobs = planned(args)
+    prov = git_commit(ROOT)
     for job in tqdm(jobs, desc="study"):
         path = runs_dir / (run_name(job["objective"], job["arm"], job["layer"], job["seed"]) + ".json")
         claim = path.with_suffix(".running")
@@ -106,6 +107,7 @@ def run_jobs(args: argparse.Namespace, runs_dir: Path) -> None:
                      width=args.width, depth=args.depth, batch=args.batch, b2_share=args.b2_share, lam=args.lam, tau=args.tau,
                      device=args.device, mean=split.mean[:c], std=split.std[:c])
         rec = run_one(cfg, split, robust=True, spatial=True, score_layers=list(range(1, args.depth + 1)), progress=None)
+        rec["git"] = prov
         rec["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         path.write_text(json.dumps(rec, indent=1))
         claim.unlink()
@@ -120,10 +122,7 @@ def load_runs(runs_dir: Path) -> List[Dict[str, Any]]:
 
 
 def report(runs: List[Dict[str, Any]], out: Path, tag: str, commands: List[str]) -> Dict[str, Any]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # object API: no pyplot state, no backend switch
 
     if not runs:
         raise SystemExit("no finished runs to report")
@@ -191,7 +190,8 @@ def report(runs: List[Dict[str, Any]], out: Path, tag: str, commands: List[str])
             "margins": margins,
         }
         # bar chart of the arms
-        fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
+        fig = Figure(figsize=(14, 3.8))
+        ax = [fig.add_subplot(1, 3, i + 1) for i in range(3)]
         names = list(by_arm)
         for j, (key, lab) in enumerate((("linear_top1", "linear top-1"), ("eq_centred_L", f"equiv. centred @L={default_layer}"), ("mCA", "corrupted top-1"))):
             ms = [mean_std([r[key] for r in by_arm[a]]) for a in names]
@@ -204,7 +204,6 @@ def report(runs: List[Dict[str, Any]], out: Path, tag: str, commands: List[str])
         fig.suptitle(f"{obj}: arms (mean ± std over seeds)", fontsize=10)
         fig.tight_layout()
         fig.savefig(out / f"study_arms_{obj}{tag}.png", dpi=100)
-        plt.close(fig)
     # layer sweep
     for obj in OBJECTIVES:
         sweep = [r for r in runs if r["config"]["objective"] == obj and r["config"]["arm"] == "ser"]
@@ -236,7 +235,8 @@ def report(runs: List[Dict[str, Any]], out: Path, tag: str, commands: List[str])
         if bt:
             md.append(f"| baseline | {len(base)} | – | – | – | {bt[0] * 100:.1f} ± {bt[1] * 100:.1f} | – | – |")
         md.append("")
-        fig, ax1 = plt.subplots(figsize=(6, 4))
+        fig = Figure(figsize=(6, 4))
+        ax1 = fig.add_subplot(1, 1, 1)
         ls = [r["layer"] for r in rows]
         ax1.errorbar(ls, [r["eq_centred_at_L"][0] for r in rows], [r["eq_centred_at_L"][1] for r in rows], fmt="o-", color="C0", capsize=3, label="SER: equiv. centred @L")
         if base:
@@ -256,7 +256,6 @@ def report(runs: List[Dict[str, Any]], out: Path, tag: str, commands: List[str])
         ax1.set_title(f"{obj}: trade-off of the SER layer (digits, depth {depth})", fontsize=9)
         fig.tight_layout()
         fig.savefig(out / f"study_sweep_{obj}{tag}.png", dpi=110)
-        plt.close(fig)
     summary["runs"] = len(runs)
     summary["summed_run_wall_s"] = total_s
     summary["machine"] = f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}"

@@ -19,7 +19,8 @@ pytest.importorskip("timm", reason="the demo needs timm (pip install -e '.[demo]
 pytest.importorskip("lightly", reason="the demo needs lightly (pip install -e '.[demo]')")
 pytest.importorskip("sklearn", reason="the demo needs scikit-learn (pip install -e '.[demo]')")
 
-METRICS = ("linear_top1", "knn_top1", "eq_centred_L", "eq_raw_L", "eq_centred_last", "eq_raw_last", "mCA", "mFR")
+METRICS = ("linear_top1", "knn_top1", "eq_centred_L", "eq_raw_L", "eq_centred_last", "eq_raw_last", "mCA", "mFR", "mD4", "rot_equiv_L")
+CORRUPTIONS = {"gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "motion_blur", "brightness", "contrast", "elastic", "pixelate", "jpeg"}
 
 
 def _finite(x: float) -> bool:
@@ -30,37 +31,158 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
     import main as demo_main  # examples/demo/main.py
 
     torch.set_num_threads(1)
-    payload = demo_main.main(["--smoke", "--out", str(tmp_path), "--threads", "1"])
+    payload = demo_main.main(["--smoke", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     assert "linear top-1" in printed and "equiv. centred @L" in printed and "SER (stock ViT)" in printed
 
     saved = json.loads((tmp_path / "demo_results.json").read_text())
     assert saved["command"].startswith("python examples/demo/main.py") and saved["smoke"] is True
     assert set(saved["arms"]) == {"baseline", "ser"} == set(payload["arms"])
-    for arm, rec in saved["arms"].items():
+    assert saved["git"]["commit"] is None or len(saved["git"]["commit"]) == 40
+    assert {v["metric"] for v in saved["verdicts"]} >= {"linear_top1", "eq_centred_L", "mCA", "mFR"}
+    for arm, by_seed in saved["arms"].items():
+        assert list(by_seed) == ["0"]
+        rec = by_seed["0"]
         m = rec["metrics"]
         for k in METRICS:
             assert _finite(m[k]), (arm, k, m[k])
-        for k in ("linear_top1", "knn_top1", "mCA"):
+        for k in ("linear_top1", "knn_top1", "mCA", "mD4"):
             assert 0.0 <= m[k] <= 1.0, (arm, k, m[k])
         for k in ("eq_centred_L", "eq_raw_L", "eq_centred_last", "eq_raw_last"):
             assert -1.0 <= m[k] <= 1.0, (arm, k, m[k])
-        assert set(m["equivariance"]) == {"2", "4"}  # layer L=2 and the last layer of the depth-4 ViT
+        assert set(m["equivariance"]) == {"1", "2", "3", "4"}  # every layer of the depth-4 ViT (the study compares any L)
         rob = m["robustness"]
-        assert set(rob["corrupted_acc"]) == {"noise", "blur", "contrast", "rotate"}
+        assert set(rob["corrupted_acc"]) == CORRUPTIONS == set(rob["severities"])
         assert all(len(v) == 3 and all(0.0 <= a <= 1.0 for a in v) for v in rob["corrupted_acc"].values())
-        assert all(0.0 <= f <= 1.0 for f in rob["flip_rate"].values())
+        assert set(rob["flip_rate"]) == {"rotate", "scale", "translate"} and all(0.0 <= f <= 1.0 for f in rob["flip_rate"].values())
+        assert len(rob["d4_acc"]) == 7
+        prot = m["protocol"]
+        assert prot["blocks"] == [1, 2, 3, 4] and prot["controls"]["identity"]["rel_l2"] == [0.0] * 4
         sp = m["spatial"]
         assert 0.0 <= sp["mIoU"] <= 1.0 and _finite(sp["centre_err_px"]) and sp["centre_err_px"] >= 0
         assert m["steps"] == 3 and _finite(m["final_inv_loss"])
         assert rec["config"]["arm"] == arm and rec["config"]["objective"] == "mocov3"
     # the SER arm trained with the equivariance loss, the baseline did not
-    assert _finite(saved["arms"]["ser"]["metrics"]["final_equiv_loss"])
-    assert math.isnan(saved["arms"]["baseline"]["metrics"]["final_equiv_loss"])
+    assert _finite(saved["arms"]["ser"]["0"]["metrics"]["final_equiv_loss"])
+    assert math.isnan(saved["arms"]["baseline"]["0"]["metrics"]["final_equiv_loss"])
     md = (tmp_path / "demo_results.md").read_text()
-    assert "| baseline (stock ViT, host views only) | 1 |" in md
-    png = (tmp_path / "demo_results.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert "| baseline (stock ViT, host views only) | 1 |" in md and "Welch" in md and "control: permutation" in md
+    for name in ("demo_results.png", "demo_protocol.png"):
+        png = (tmp_path / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def _tiny_split():
+    from ser_demo.data import load_digits_split
+
+    s = load_digits_split(24)
+    s.x_train, s.y_train, s.x_test, s.y_test = s.x_train[:160], s.y_train[:160], s.x_test[:64], s.y_test[:64]
+    return s
+
+
+def _strip_times(m):
+    return {k: v for k, v in m.items() if k not in ("train_s", "eval_s", "cpu_s")}
+
+
+def test_same_seed_same_numbers_other_seed_other_numbers():
+    from ser_demo.run import run_one
+    from ser_demo.train import Config
+
+    torch.set_num_threads(1)
+    s = _tiny_split()
+    kw = dict(n_equiv=32, n_robust=32, n_protocol=8)
+    cfg = lambda seed: Config(arm="ser", seed=seed, batch=64, max_steps=3, mean=s.mean, std=s.std)  # noqa: E731
+    a = run_one(cfg(0), s, eval_kw=kw)["metrics"]
+    b = run_one(cfg(0), s, eval_kw=kw)["metrics"]
+    c = run_one(cfg(1), s, eval_kw=kw)["metrics"]
+    assert json.dumps(_strip_times(a), sort_keys=True) == json.dumps(_strip_times(b), sort_keys=True)
+    assert a["final_inv_loss"] != c["final_inv_loss"] and a["eq_centred_L"] != c["eq_centred_L"]
+
+
+def _knn_reference(f_train, y_train, f_test, y_test, k=20, t=0.07):
+    """The demo's former hand-written weighted kNN (kept here as the reference for lightly's knn_predict)."""
+    import torch.nn.functional as F
+
+    a, b = F.normalize(f_train, dim=1), F.normalize(f_test, dim=1)
+    w, idx = (b @ a.T).topk(k, dim=1)
+    votes = torch.zeros(len(b), int(y_train.max()) + 1)
+    votes.scatter_add_(1, y_train[idx], (w / t).exp())
+    return float((votes.argmax(1) == y_test).float().mean())
+
+
+def test_knn_is_lightly_and_matches_the_reference():
+    from ser_demo import evaluate
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 16, generator=g)
+    y_tr, y_te = torch.randint(0, 5, (300,), generator=g), torch.randint(0, 5, (120,), generator=g)
+    f_tr = centres[y_tr] + 1.5 * torch.randn(300, 16, generator=g)
+    f_te = centres[y_te] + 1.5 * torch.randn(120, 16, generator=g)
+    got = evaluate.knn_accuracy(f_tr, y_tr, f_te, y_te)
+    assert got == _knn_reference(f_tr, y_tr, f_te, y_te)
+    assert 0.3 < got < 1.0  # neither trivial nor chance (5 classes)
+    assert "knn_predict" in evaluate.knn_accuracy.__code__.co_names
+
+
+def test_lr_schedule_is_lightly_warmup_cosine():
+    from ser_demo.train import Config, pretrain
+
+    torch.set_num_threads(1)
+    s = _tiny_split()
+    tr = pretrain(Config(arm="baseline", batch=32, steps=8, warmup_epochs=1, mean=s.mean, std=s.std), s.x_train)
+    lrs = [r["lr"] for r in tr.history]
+    warm = min(1 * (160 // 32), 8 // 4)
+    assert lrs[0] == pytest.approx(1.5e-3 / warm) and lrs[warm - 1] == pytest.approx(1.5e-3)
+    # cosine from the peak: non-increasing, strictly falling after the first cosine step, 0 at the last step
+    assert all(x >= y for x, y in zip(lrs[warm - 1 :], lrs[warm:])) and all(x > y for x, y in zip(lrs[warm:-1], lrs[warm + 1 :]))
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_welch_verdicts():
+    from ser_demo.report import welch
+
+    assert welch([0.90, 0.91, 0.92], [0.80, 0.81, 0.82])["verdict"] == "higher"
+    assert welch([0.80, 0.81, 0.82], [0.90, 0.91, 0.92])["verdict"] == "lower"
+    noisy = welch([0.80, 0.90, 0.85], [0.82, 0.88, 0.86])
+    assert noisy["verdict"] == "within noise" and noisy["p"] > 0.5
+    assert welch([0.9], [0.8])["verdict"] == "within noise"  # one seed: no verdict
+
+
+RESULT_GLOBS = ("benchmarks/results/demo_results.json", "benchmarks/results/study_sens_results.json", "benchmarks/results/study_calibration.json",
+                "benchmarks/results/study_sens_runs/*.json", "examples/demo/ser_demo/severities.json")
+
+
+def test_committed_results_record_a_commit_of_this_repository():
+    """Every committed demo/study result file names the commit whose code produced it (with no uncommitted changes
+    to the code that makes the numbers), and that commit exists in this repository's history."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or subprocess.run(["git", "rev-parse", "--git-dir"], cwd=ROOT, capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout (the check needs the repository history)")
+    tracked = subprocess.run(["git", "ls-files", "--", *RESULT_GLOBS], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    assert tracked, "no committed demo/study result files found"
+    for rel in tracked:
+        data = json.loads((ROOT / rel).read_text())
+        git = data.get("git") or {}
+        sha = git.get("commit") if isinstance(git, dict) else None
+        if sha is None and "commits" in data:  # summary files: every run's commit
+            shas = [c for c in data["commits"]]
+        else:
+            shas = [sha]
+        assert shas and all(isinstance(c, str) and len(c) >= 7 for c in shas), (rel, git)
+        for c in shas:
+            ok = subprocess.run(["git", "cat-file", "-e", f"{c}^{{commit}}"], cwd=ROOT, capture_output=True).returncode == 0
+            assert ok, f"{rel} records commit {c}, which is not in this repository's history"
+        if isinstance(git, dict) and "dirty" in git:
+            assert git["dirty"] == [], f"{rel} was produced with uncommitted changes: {git['dirty']}"
+
+
+def test_md_table():
+    from ser_demo.report import md_table
+
+    t = md_table([{"a": 1, "b": 0.123456}, {"a": "x"}], ["a", "b"])
+    assert t.splitlines() == ["| a | b |", "|---|---|", "| 1 | 0.12346 |", "| x |  |"]
 
 
 def test_image_folder_loader(tmp_path):

@@ -6,9 +6,10 @@ the training device with kornia (see :mod:`train`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -96,8 +97,92 @@ def load_image_folder(path: str, size: int = 32, channels: int = 3, test_share: 
     return Split(x[tr], y[tr], x[te], y[te], root.name, len(classes))
 
 
+def _tiles(img: np.ndarray, tile: int, test_cols: float) -> Tuple[Tensor, Tensor]:
+    """Non-overlapping ``tile`` x ``tile`` crops of a grey image (H, W) in [0, 1]; the right ``test_cols`` share of
+    the tile columns goes to the test split (spatially disjoint from the training tiles)."""
+    h, w = img.shape[0] // tile, img.shape[1] // tile
+    t = torch.tensor(img[: h * tile, : w * tile], dtype=torch.float32)
+    t = t.view(h, tile, w, tile).permute(0, 2, 1, 3)  # (h, w, tile, tile)
+    cut = w - max(1, int(round(w * test_cols)))
+    return t[:, :cut].reshape(-1, 1, tile, tile), t[:, cut:].reshape(-1, 1, tile, tile)
+
+
+def _grey(im: np.ndarray) -> np.ndarray:
+    im = np.asarray(im)
+    if im.dtype == bool:
+        im = im.astype(np.float64)
+    elif im.dtype == np.uint8:
+        im = im / 255.0
+    if im.ndim == 3:
+        im = im[..., :3] @ np.array([0.299, 0.587, 0.114])
+    return im.astype(np.float32)
+
+
+def _patch_split(images: Dict[str, np.ndarray], size: int, channels: int, name: str, tile: int = 32,
+                 target_tiles: Optional[int] = None) -> Split:
+    """A patch-classification set: class = the source image; tiles resized to ``size``."""
+    xs_tr, ys_tr, xs_te, ys_te = [], [], [], []
+    for c, (_, im) in enumerate(sorted(images.items())):
+        g = _grey(im)
+        if target_tiles is not None:  # resize so the image holds about target_tiles tiles (aspect kept)
+            f = math.sqrt(target_tiles * tile * tile / (g.shape[0] * g.shape[1]))
+            g = F.interpolate(torch.tensor(g)[None, None], scale_factor=f, mode="bilinear", antialias=True,
+                              align_corners=False)[0, 0].clamp(0, 1).numpy()
+        tr, te = _tiles(g, tile, 0.25)
+        xs_tr.append(tr), xs_te.append(te)
+        ys_tr.append(torch.full((len(tr),), c)), ys_te.append(torch.full((len(te),), c))
+
+    def prep(x: list) -> Tensor:
+        t = torch.cat(x)
+        if size != tile:
+            t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+        return t.expand(-1, channels, -1, -1).contiguous()
+
+    return Split(prep(xs_tr), torch.cat(ys_tr).long(), prep(xs_te), torch.cat(ys_te).long(), f"{name}{size}", len(images))
+
+
+TEXTURES = ("brick", "grass", "gravel", "moon")
+PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "rocket", "coins", "hubble_deep_field", "immunohistochemistry",
+          "page", "clock")
+
+
+def load_textures_split(size: int = 32, channels: int = 3) -> Split:
+    """scikit-image's texture photographs (brick, grass, gravel; 512x512) and its lunar-surface image (moon):
+    4 classes, 256 non-overlapping 32 px tiles each at full resolution (the right quarter of each image is the
+    test split: 768 train / 256 test), resized to ``size``. Ships inside scikit-image; no download."""
+    import skimage.data as sd
+
+    return _patch_split({n: getattr(sd, n)() for n in TEXTURES}, size, channels, "textures")
+
+
+def load_photos_split(size: int = 32, channels: int = 3) -> Split:
+    """Patch classification on scikit-image's photographs (astronaut, camera, chelsea, coffee, rocket, coins,
+    hubble_deep_field, immunohistochemistry, page, clock) and scikit-learn's two sample images (china, flower):
+    12 classes (class = source photograph), greyscale, each photo resized to hold about 144 tiles of 32 px
+    (right quarter = test split), tiles resized to ``size``. Ships inside the packages; no download."""
+    import skimage.data as sd
+    from sklearn.datasets import load_sample_images
+
+    ims = {n: getattr(sd, n)() for n in PHOTOS}
+    sk = load_sample_images()
+    for fname, im in zip(sk.filenames, sk.images):
+        ims[Path(fname).stem] = im
+    return _patch_split(ims, size, channels, "photos", target_tiles=144)
+
+
+DATASETS = ("digits", "textures", "photos")
+
+
 def load_data(path: Optional[str], size: int = 32, channels: int = 3) -> Split:
-    return load_digits_split(size, channels) if path is None else load_image_folder(path, size, channels)
+    """``None`` or ``"digits"``: scikit-learn digits; ``"textures"`` / ``"photos"``: the scikit-image patch sets;
+    anything else: an ImageFolder directory."""
+    if path is None or path == "digits":
+        return load_digits_split(size, channels)
+    if path == "textures":
+        return load_textures_split(size, channels)
+    if path == "photos":
+        return load_photos_split(size, channels)
+    return load_image_folder(path, size, channels)
 
 
 def place_on_canvas(x: Tensor, canvas: int, generator: torch.Generator) -> Tuple[Tensor, Tensor]:

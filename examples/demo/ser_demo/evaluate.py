@@ -6,7 +6,9 @@ no_grad. Features are the timm ViT's pooled output (the [CLS] token after the fi
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -16,35 +18,93 @@ from torch import Tensor, nn
 
 from ser_plugin import equivariance_score
 
-# severities of each corruption (applied to images in [0, 1]); ImageNet-C in miniature
-CORRUPTIONS: Dict[str, Tuple[float, ...]] = {
-    "noise": (0.1, 0.2, 0.4),  # Gaussian noise std
-    "blur": (0.6, 1.2, 1.8),  # Gaussian blur sigma (px at 32 px)
-    "contrast": (0.6, 0.4, 0.2),  # contrast factor (1 = unchanged)
-    "rotate": (10.0, 20.0, 30.0),  # rotation in degrees (alternating sign per image)
+
+# ImageNet-C in miniature: corruptions on images in [0, 1], each with a grid of candidate levels ordered from mild to
+# severe. The three severities actually used per dataset are picked from these grids by benchmarks/study_calibrate.py
+# (so that a trained baseline keeps meaningful accuracy at every severity) and stored in severities.json beside this
+# file. Ops come from kornia where kornia has them (blur, motion blur, brightness, contrast, elastic, JPEG); the noise
+# draws follow kornia's RandomGaussianNoise / RandomSaltAndPepperNoise formulas with a fixed torch.Generator, so every
+# corrupted test set is the same for every arm and seed.
+def _geom(lo: float, hi: float, n: int) -> Tuple[float, ...]:
+    return tuple(float(f"{v:.3g}") for v in np.geomspace(lo, hi, n))
+
+
+CORRUPTION_GRID: Dict[str, Tuple[float, ...]] = {
+    "gaussian_noise": _geom(0.005, 0.5, 15),  # std
+    "shot_noise": _geom(3000.0, 2.0, 15),  # photons at intensity 1 (Poisson); fewer = noisier
+    "impulse_noise": _geom(0.002, 0.3, 15),  # share of salt-and-pepper pixels
+    "defocus_blur": _geom(0.3, 4.0, 14),  # Gaussian sigma (px)
+    "motion_blur": (3.0, 5.0, 7.0, 9.0, 11.0, 13.0, 15.0, 17.0),  # kernel size (px), direction alternating per image
+    "brightness": _geom(0.01, 0.8, 15),  # additive shift
+    "contrast": tuple(float(f"{1 - v:.3g}") for v in np.geomspace(0.02, 0.97, 15)),  # factor (1 = unchanged)
+    "elastic": _geom(0.3, 30.0, 15),  # kornia elastic_transform2d alpha
+    "pixelate": tuple(float(f"{v:.3g}") for v in np.linspace(0.95, 0.12, 15)),  # down-scale factor before upsampling (nearest)
+    "jpeg": (90.0, 75.0, 60.0, 50.0, 40.0, 30.0, 25.0, 20.0, 15.0, 10.0, 8.0, 6.0, 4.0, 2.0, 1.0),  # kornia JPEG quality
 }
-# gradually increasing perturbation sequences (ImageNet-P in miniature)
+# fallback when a dataset has no calibrated entry (the middle of each grid)
+DEFAULT_SEVERITIES: Dict[str, Tuple[float, ...]] = {k: (v[len(v) // 4], v[len(v) // 2], v[(3 * len(v)) // 4]) for k, v in CORRUPTION_GRID.items()}
+SEVERITY_FILE = Path(__file__).resolve().parent / "severities.json"
+
+# ImageNet-P in miniature: gradually changing frames; flip probability = share of consecutive frames whose probe
+# prediction changes.
 SEQUENCES: Dict[str, Tuple[float, ...]] = {
-    "rotate": tuple(float(a) for a in np.linspace(0, 30, 7)),
-    "noise": tuple(float(s) for s in np.linspace(0, 0.3, 7)),
+    "rotate": tuple(float(a) for a in np.linspace(-30, 30, 13)),  # degrees
+    "scale": tuple(float(s) for s in np.linspace(0.7, 1.3, 13)),  # zoom factor about the centre
+    "translate": tuple(float(t) for t in np.linspace(-0.25, 0.25, 11)),  # shift as a share of the image side (diagonal)
 }
+
+
+def severities_for(dataset: str, path: Path = SEVERITY_FILE) -> Dict[str, Tuple[float, ...]]:
+    """The three calibrated severities per corruption for ``dataset`` (a Split.name such as ``digits24``), from
+    ``severities.json``; corruptions or datasets without an entry fall back to :data:`DEFAULT_SEVERITIES`."""
+    table = json.loads(path.read_text()).get("severities", {}) if path.exists() else {}
+    got = table.get(dataset, {})
+    return {k: tuple(got.get(k, DEFAULT_SEVERITIES[k])) for k in CORRUPTION_GRID}
 
 
 def corrupt(x: Tensor, kind: str, level: float, seed: int = 0) -> Tensor:
-    """Corrupts images ``x`` (N, C, H, W) in [0, 1] with kornia ops; deterministic given ``seed``."""
+    """Corrupts images ``x`` (N, C, H, W) in [0, 1]; deterministic given ``seed``."""
     import kornia
 
-    if kind == "noise":
-        g = torch.Generator().manual_seed(seed)
+    n, dev = x.shape[0], x.device
+    g = torch.Generator().manual_seed(seed)
+    alt = torch.where(torch.arange(n, device=dev) % 2 == 0, 1.0, -1.0)
+    if kind == "gaussian_noise":
         return (x + level * torch.randn(x.shape, generator=g).to(x)).clamp(0, 1)
-    if kind == "blur":
+    if kind == "shot_noise":
+        return (torch.poisson(x.cpu() * level, generator=g).to(x) / level).clamp(0, 1)
+    if kind == "impulse_noise":
+        u = torch.rand(x[:, :1].shape, generator=g).to(x)
+        salt = torch.rand(x[:, :1].shape, generator=g).to(x) < 0.5
+        hit = u < level
+        return torch.where(hit & salt, torch.ones_like(x), torch.where(hit, torch.zeros_like(x), x))
+    if kind == "defocus_blur":
         k = 2 * math.ceil(3 * level) + 1
         return kornia.filters.gaussian_blur2d(x, (k, k), (level, level))
+    if kind == "motion_blur":
+        return kornia.filters.motion_blur(x, int(level), 45.0 * alt, torch.zeros(n, device=dev))
+    if kind == "brightness":
+        return kornia.enhance.adjust_brightness(x, level)
     if kind == "contrast":
-        return kornia.enhance.adjust_contrast_with_mean_subtraction(x, torch.full((x.shape[0],), level, device=x.device))
+        return kornia.enhance.adjust_contrast_with_mean_subtraction(x, torch.full((n,), level, device=dev))
+    if kind == "elastic":
+        noise = (torch.rand((n, 2) + tuple(x.shape[-2:]), generator=g).to(x) * 2 - 1)
+        s = x.shape[-1] / 8
+        k = 2 * math.ceil(3 * s) + 1
+        return kornia.geometry.transform.elastic_transform2d(x, noise, (k, k), (s, s), (level, level), padding_mode="border").clamp(0, 1)
+    if kind == "pixelate":
+        h, w = x.shape[-2:]
+        small = F.interpolate(x, size=(max(1, round(h * level)), max(1, round(w * level))), mode="area")
+        return F.interpolate(small, size=(h, w), mode="nearest")
+    if kind == "jpeg":
+        return kornia.enhance.jpeg_codec_differentiable(x, torch.full((n,), level, device=dev)).clamp(0, 1)
+    # sequence frames (ImageNet-P style), identity at the neutral value
     if kind == "rotate":
-        sign = torch.where(torch.arange(x.shape[0], device=x.device) % 2 == 0, 1.0, -1.0)
-        return kornia.geometry.transform.rotate(x, sign * level)
+        return kornia.geometry.transform.rotate(x, torch.full((n,), level, device=dev)) if level != 0 else x
+    if kind == "scale":
+        return kornia.geometry.transform.scale(x, torch.full((n, 2), level, device=dev)) if level != 1 else x
+    if kind == "translate":
+        return kornia.geometry.transform.translate(x, torch.full((n, 2), level * x.shape[-1], device=dev)) if level != 0 else x
     raise ValueError(f"unknown corruption {kind!r}")
 
 
@@ -84,30 +144,48 @@ class LinearProbe:
 
 
 def knn_accuracy(f_train: Tensor, y_train: Tensor, f_test: Tensor, y_test: Tensor, k: int = 20, t: float = 0.07) -> float:
-    """DINO-style weighted kNN on cosine similarity (k neighbours, weights exp(sim / t))."""
+    """Weighted kNN top-1 on cosine similarity (k neighbours, weights exp(sim / t)): lightly's ``knn_predict``."""
+    from lightly.utils.benchmarking import knn_predict
+
     a, b = F.normalize(f_train, dim=1), F.normalize(f_test, dim=1)
-    sim = b @ a.T
-    w, idx = sim.topk(k, dim=1)
-    votes = torch.zeros(len(b), int(y_train.max()) + 1)
-    votes.scatter_add_(1, y_train[idx], (w / t).exp())
-    return float((votes.argmax(1) == y_test).float().mean())
+    pred = knn_predict(b, a.T.contiguous(), y_train, int(y_train.max()) + 1, knn_k=min(k, len(a)), knn_t=t)[:, 0]
+    return float((pred == y_test).float().mean())
 
 
-def robustness(model: nn.Module, probe: LinearProbe, x: Tensor, y: Tensor, mean: Tensor, std: Tensor) -> Dict[str, Any]:
-    """Probe accuracy on corrupted test images (per corruption and severity), their mean (mCA), and the
-    flip-rate: the share of consecutive frames of a gradually increasing perturbation whose prediction changes."""
+def d4_accuracy(model: nn.Module, probe: LinearProbe, x: Tensor, y: Tensor, mean: Tensor, std: Tensor) -> Dict[str, float]:
+    """Probe accuracy on the test images moved by each of the 7 non-identity D4 elements (SER's group): the
+    question whether equivariant mid-layer features make the final feature more stable under the group itself."""
+    from ser_plugin import GroupElement, act_image
+
+    out = {}
+    for k, f in [(k, f) for f in (0, 1) for k in range(4) if (k, f) != (0, 0)]:
+        g = GroupElement.from_d4([k] * len(x), [f] * len(x))
+        out[f"r{k}{'f' if f else ''}"] = probe.accuracy(features(model, act_image(x, g), mean, std), y)
+    return out
+
+
+def robustness(model: nn.Module, probe: LinearProbe, x: Tensor, y: Tensor, mean: Tensor, std: Tensor,
+               severities: Optional[Dict[str, Tuple[float, ...]]] = None) -> Dict[str, Any]:
+    """Probe accuracy on corrupted test images (per corruption and severity), their mean (mCA), the flip
+    probability of each ImageNet-P-style sequence (share of consecutive frames whose prediction changes) and
+    their mean (mFR), and the accuracy under each non-identity D4 element (``d4_acc``, mean ``mD4``)."""
+    sev = severities or DEFAULT_SEVERITIES
     acc: Dict[str, List[float]] = {}
-    for kind, levels in CORRUPTIONS.items():
+    for kind, levels in sev.items():
         acc[kind] = [probe.accuracy(features(model, corrupt(x, kind, lv, seed=i), mean, std), y) for i, lv in enumerate(levels)]
     flips: Dict[str, float] = {}
     for kind, levels in SEQUENCES.items():
-        preds = np.stack([probe.predict(features(model, corrupt(x, kind, lv, seed=0) if lv > 0 else x, mean, std)) for lv in levels])
+        preds = np.stack([probe.predict(features(model, corrupt(x, kind, lv), mean, std)) for lv in levels])
         flips[kind] = float((preds[1:] != preds[:-1]).mean())
+    d4 = d4_accuracy(model, probe, x, y, mean, std)
     return {
+        "severities": {k: list(v) for k, v in sev.items()},
         "corrupted_acc": acc,
         "mCA": float(np.mean([a for v in acc.values() for a in v])),
         "flip_rate": flips,
         "mFR": float(np.mean(list(flips.values()))),
+        "d4_acc": d4,
+        "mD4": float(np.mean(list(d4.values()))),
     }
 
 
@@ -167,7 +245,7 @@ def spatial_transfer(model: nn.Module, x_train: Tensor, x_test: Tensor, mean: Te
 
 
 def evaluate(model: nn.Module, split: Any, cfg: Any, *, robust: bool = True, spatial: bool = False,
-             n_equiv: int = 256, n_robust: int = 300, score_layers: Optional[List[int]] = None) -> Dict[str, Any]:
+             n_equiv: int = 128, n_robust: int = 256, n_protocol: int = 32, score_layers: Optional[List[int]] = None) -> Dict[str, Any]:
     """All frozen-feature metrics for one trained backbone. ``split``: :class:`data.Split`; ``cfg``: train.Config."""
     dev = next(model.parameters()).device
     c = split.x_train.shape[1]
@@ -188,10 +266,19 @@ def evaluate(model: nn.Module, split: Any, cfg: Any, *, robust: bool = True, spa
     out["eq_raw_L"] = sc[cfg.layer]["raw"]
     out["eq_centred_last"] = sc[cfg.depth]["centred"]
     out["eq_raw_last"] = sc[cfg.depth]["raw"]
+    if n_protocol:
+        from ser_plugin.protocol import measure_equivariance
+
+        prot = measure_equivariance(model, xe[:n_protocol], controls=("identity", "permutation"))
+        out["protocol"] = prot.to_dict()
+        out["rot_equiv_L"] = prot.rotation_summary()[cfg.layer]
+        out["cls_inv_d4"] = float(np.mean([v for k, v in (prot.cls_invariance or {}).items() if not k.startswith("scale")])) if prot.cls_invariance else float("nan")
     if robust:
-        out["robustness"] = robustness(model, probe, split.x_test[:n_robust], split.y_test[:n_robust], mean, std)
+        out["robustness"] = robustness(model, probe, split.x_test[:n_robust], split.y_test[:n_robust], mean, std,
+                                       severities=severities_for(split.name))
         out["mCA"] = out["robustness"]["mCA"]
         out["mFR"] = out["robustness"]["mFR"]
+        out["mD4"] = out["robustness"]["mD4"]
     if spatial:
         out["spatial"] = spatial_transfer(model, split.x_train, split.x_test, mean, std, cfg.patch)
     return out

@@ -51,11 +51,12 @@ class Config:
     objective: str = "mocov3"
     arm: str = "ser"
     epochs: int = 10
-    width: int = 64
+    steps: Optional[int] = None  # total optimiser steps (overrides epochs; the study fixes it across datasets)
+    width: int = 48
     depth: int = 4
     heads: int = 4
     patch: int = 4
-    img_size: int = 32
+    img_size: int = 24
     batch: int = 128
     b2_share: float = 0.25
     layer: int = 2
@@ -272,10 +273,14 @@ def pretrain(cfg: Config, x_train: Tensor, progress: Optional[Callable[..., Any]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     n = x_train.shape[0]
     steps_per_epoch = max(1, n // cfg.batch)
-    total = steps_per_epoch * cfg.epochs
+    total = steps_per_epoch * cfg.epochs if cfg.steps is None else cfg.steps
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
     warm = min(cfg.warmup_epochs * steps_per_epoch, total // 4)
+    from lightly.utils.scheduler import CosineWarmupScheduler
+
+    # linear warm-up to cfg.lr, then cosine to 0 (per step)
+    sched = CosineWarmupScheduler(opt, warmup_epochs=warm, max_epochs=total, end_value=0.0)
     n2 = int(round(cfg.b2_share * cfg.batch)) if arm["b2"] else 0
     if arm["b2"] and n2 < 2:
         raise ValueError(f"b2 needs >= 2 images (batch {cfg.batch} x b2_share {cfg.b2_share} = {n2}).")
@@ -291,9 +296,6 @@ def pretrain(cfg: Config, x_train: Tensor, progress: Optional[Callable[..., Any]
             if step >= total:
                 break
             epoch = step // steps_per_epoch
-            lr = cfg.lr * (step + 1) / max(warm, 1) if step < warm else cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
-            for g in opt.param_groups:
-                g["lr"] = lr
             x = x_train[perm[b * cfg.batch : (b + 1) * cfg.batch]].to(dev)
             xb2, xb1 = x[:n2], x[n2:]
             with torch.no_grad():
@@ -318,8 +320,10 @@ def pretrain(cfg: Config, x_train: Tensor, progress: Optional[Callable[..., Any]
                 obj.proj.cancel_last_layer_gradients(epoch)
             torch.nn.utils.clip_grad_norm_(params, 3.0)
             opt.step()
+            lr = opt.param_groups[0]["lr"]
+            sched.step()
             obj.update_teacher(backbone, obj.momentum(step, total))
-            rec = {"step": step, "loss": float(loss.detach()), "inv": float(inv.detach()),
+            rec = {"step": step, "lr": lr, "loss": float(loss.detach()), "inv": float(inv.detach()),
                    "equiv": float(ser.last_loss) if ser is not None and ser.last_loss is not None else float("nan"),
                    "t": time.perf_counter() - t0}
             if not math.isfinite(rec["loss"]):
