@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import math
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -45,9 +46,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .capture import InputSizeRecorder, declared_prefix_tokens, detect_patch_size, find_blocks, tokens_to_map
+from .capture import InputInfo, tokens_to_map
 from .errors import SERError
 from .group import GroupElement, act_image, rho
+from .tap import LayerTap, live_taps
+from .vit import declared_prefix_tokens, detect_patch_size, find_blocks
 
 __all__ = ["ELEMENTS", "ProtocolResult", "measure_equivariance", "untrained_copy", "map_errors"]
 
@@ -182,17 +185,6 @@ class ProtocolResult:
         return fig
 
 
-class _Grab:
-    def __init__(self, store: Dict[int, Tensor], k: int) -> None:
-        self.store, self.k = store, k
-
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
-        self.store[self.k] = output if isinstance(output, Tensor) else output[0]
-
-    def __deepcopy__(self, memo: Dict[int, Any]) -> None:
-        raise SERError("the protocol's temporary hooks are not meant to be copied; copy the model outside measure_equivariance.")
-
-
 def untrained_copy(model: nn.Module, seed: int = 0) -> nn.Module:
     """A freshly initialised copy of ``model`` (the "untrained ViT" control): every submodule with
     ``reset_parameters`` is reset and the free parameters (e.g. [CLS], positional embedding) are redrawn
@@ -280,23 +272,31 @@ def measure_equivariance(
     has_cls = bool(declared_prefix_tokens(model))
 
     def measure(net: nn.Module, nets_blocks: List[nn.Module]) -> Tuple[Callable[[Tensor], Tuple[Dict[int, Tensor], Any]], Callable[[], None]]:
-        store: Dict[int, Tensor] = {}
-        rec = InputSizeRecorder()
-        handles = [net.register_forward_pre_hook(rec, with_kwargs=True)]
-        handles += [b.register_forward_hook(_Grab(store, k)) for k, b in enumerate(nets_blocks, start=1)]
+        order = list(range(1, depth + 1))
+        current: List[Tuple[int, int]] = [tuple(x.shape[-2:])]  # type: ignore[list-item]
+
+        def to_map(tokens: Tensor, info: Optional[InputInfo], layer: int) -> Tensor:
+            hw = info.hw if info is not None else current[0]
+            return tokens_to_map(tokens, hw, psz, None, layer)[0].float()
+
+        # the same tap as SER's capture (one hook type); SER handles on this model record nothing meanwhile
+        tap = LayerTap(net, dict(zip(order, nets_blocks)), to_map, fingerprints=False)
         run = (lambda t: forward(net, t)) if forward is not None else net
 
         def maps(inp: Tensor) -> Tuple[Dict[int, Tensor], Any]:
-            store.clear()
-            out = run(inp)
-            hw = rec.hw or tuple(inp.shape[-2:])
-            return {k: tokens_to_map(store[k], hw, psz, None, k)[0].float() for k in range(1, depth + 1)}, out
+            current[0] = tuple(inp.shape[-2:])  # type: ignore[assignment]
+            sink: List[Tensor] = []
+            with ExitStack() as stack:
+                for other in live_taps(net):
+                    if other is not tap:
+                        stack.enter_context(other.paused())
+                stack.enter_context(tap.armed("collect", sink=sink))
+                out = run(inp)
+            if len(sink) != depth:
+                raise SERError(f"the forward pass ran {len(sink)} of the {depth} blocks; pass forward= if the model needs a custom call.")
+            return dict(zip(order, sink)), out
 
-        def close() -> None:
-            for h in handles:
-                h.remove()
-
-        return maps, close
+        return maps, tap.remove
 
     def embedding(out: Any) -> Optional[Tensor]:
         return out.float().flatten(1) if isinstance(out, Tensor) and out.dim() == 2 else None

@@ -301,7 +301,7 @@ def pretrain(cfg: Config, x_train: Tensor, progress: Optional[Callable[..., Any]
             with torch.no_grad():
                 a1, a2 = host_views(xb1)
                 a1, a2 = _normalise(a1, mean, std), _normalise(a2, mean, std)
-                pair = teq(xb2) if n2 else None
+                pair = teq(_normalise(xb2, mean, std)) if n2 else None  # the views take normalised input (mean/std given)
             f1, f2 = backbone(torch.cat([a1, a2])).chunk(2)
             equiv = torch.zeros((), device=dev)
             v1, v2 = a1, a2
