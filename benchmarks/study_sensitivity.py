@@ -55,6 +55,7 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "L4": dict(arm="ser", layer=4),
     "b2_10": dict(arm="ser", b2_share=0.10),
     "head": dict(arm="ser_head"),
+    "authors": dict(arm="ser", preset="authors"),  # SERConfig.preset("authors") without scale (matched budget)
     # combinations (phase 2)
     "head_lam0.3": dict(arm="ser_head", lam=0.3),
     "head_lam3": dict(arm="ser_head", lam=3.0),

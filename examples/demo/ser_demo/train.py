@@ -73,6 +73,9 @@ class Config:
     hidden_dim: int = 256
     mean: Tuple[float, ...] = field(default_factory=lambda: (0.5, 0.5, 0.5))
     std: Tuple[float, ...] = field(default_factory=lambda: (0.5, 0.5, 0.5))
+    # a SERConfig preset (e.g. "authors"): its views, photometrics, head and late [CLS] replace the arm's; scale stays
+    # off because the matched budget concatenates the SER views with b1's fixed-size crops
+    preset: Optional[str] = None
 
     def resolved(self) -> Config:
         c = copy.copy(self)
@@ -256,7 +259,11 @@ def pretrain(cfg: Config, x_train: Tensor, progress: Optional[Callable[..., Any]
     mean = torch.tensor(cfg.mean[:c], device=dev).view(1, -1, 1, 1)
     std = torch.tensor(cfg.std[:c], device=dev).view(1, -1, 1, 1)
     ser, late = None, None
-    if arm["ser"]:
+    if arm["ser"] and cfg.preset is not None:
+        ser = attach_ser(backbone, layer=cfg.layer, preset=cfg.preset, lam=cfg.lam, tau=cfg.tau, scale=None,
+                         mean=cfg.mean[:c], std=cfg.std[:c]).to(dev)
+        teq = ser.view_policy
+    elif arm["ser"]:
         ser = attach_ser(backbone, layer=cfg.layer, lam=cfg.lam, tau=cfg.tau, head=arm["head"], late_cls=arm["late_cls"],
                          photometric=(Photometric(False), Photometric(True)), mean=cfg.mean[:c], std=cfg.std[:c]).to(dev)
         teq = ser.view_policy
