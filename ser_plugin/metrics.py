@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -12,7 +11,7 @@ from torch import Tensor, nn
 from .capture import InputInfo, tokens_to_map
 from .errors import SERError
 from .group import D4_ELEMENTS, GroupElement, act_image, rho
-from .tap import LayerTap, live_taps
+from .tap import LayerTap
 from .vit import detect_patch_size, find_blocks, resolve_layer
 
 __all__ = ["equivariance_score"]
@@ -64,13 +63,7 @@ def equivariance_score(
     run: Callable[[Tensor], Any] = (lambda t: forward(model, t)) if forward is not None else model
 
     def maps(inp: Tensor) -> Dict[int, Tensor]:
-        sink: List[Tensor] = []
-        with ExitStack() as stack:
-            for other in live_taps(model):
-                if other is not tap:
-                    stack.enter_context(other.paused())
-            stack.enter_context(tap.armed("collect", sink=sink))
-            run(inp)
+        sink, _ = tap.collect(model, lambda: run(inp))
         if len(sink) != len(order):
             raise SERError(f"the forward pass ran {len(sink)} of the {len(order)} hooked blocks; pass forward= if the model needs a custom call.")
         return dict(zip(order, sink))

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import copy
 import math
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -49,7 +48,7 @@ from torch import Tensor, nn
 from .capture import InputInfo, tokens_to_map
 from .errors import SERError
 from .group import GroupElement, act_image, rho
-from .tap import LayerTap, live_taps
+from .tap import LayerTap
 from .vit import declared_prefix_tokens, detect_patch_size, find_blocks
 
 __all__ = ["ELEMENTS", "ProtocolResult", "measure_equivariance", "untrained_copy", "map_errors"]
@@ -285,13 +284,7 @@ def measure_equivariance(
 
         def maps(inp: Tensor) -> Tuple[Dict[int, Tensor], Any]:
             current[0] = tuple(inp.shape[-2:])  # type: ignore[assignment]
-            sink: List[Tensor] = []
-            with ExitStack() as stack:
-                for other in live_taps(net):
-                    if other is not tap:
-                        stack.enter_context(other.paused())
-                stack.enter_context(tap.armed("collect", sink=sink))
-                out = run(inp)
+            sink, out = tap.collect(net, lambda: run(inp))
             if len(sink) != depth:
                 raise SERError(f"the forward pass ran {len(sink)} of the {depth} blocks; pass forward= if the model needs a custom call.")
             return dict(zip(order, sink)), out

@@ -10,7 +10,7 @@ capture drops that block's records. In a deep copy or a pickle of the hooked mod
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -164,6 +164,18 @@ class LayerTap:
         """Records nothing in the block (another tool's forward passes on the same model)."""
         with self.armed("pause", sink=[]):
             yield
+
+    def collect(self, model: nn.Module, run: Callable[[], Any]) -> Tuple[List[Tensor], Any]:
+        """Runs ``run()`` (a forward pass of ``model``) with this tap collecting its blocks' maps in forward order
+        and every other live tap on ``model`` (SER handles) paused; returns the maps and ``run``'s output."""
+        sink: List[Tensor] = []
+        with ExitStack() as stack:
+            for other in live_taps(model):
+                if other is not self:
+                    stack.enter_context(other.paused())
+            stack.enter_context(self.armed("collect", sink=sink))
+            out = run()
+        return sink, out
 
     def take(self) -> Tuple[List[Tensor], List[Optional[InputInfo]]]:
         """The records and their input infos; the tap is emptied."""
