@@ -177,33 +177,6 @@ def test_averaged_model_of_a_module_holding_the_handle():
     _check_copy(avg.module.model, holder.ser, pair, late=False)
 
 
-def test_lightning_swa_callback_with_handle_on_module():
-    import lightning as L
-    from lightning.pytorch.callbacks import StochasticWeightAveraging
-
-    class Module(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.backbone = make_vit(0)
-            self.ser = attach_ser(self.backbone, LAYER, photometric=None, head=True)
-
-        def training_step(self, batch, idx):
-            pair = self.ser.views(batch[0])
-            with self.ser.capture():
-                a, b = self.backbone(pair.x1), self.backbone(pair.x2)
-            return (a - b).pow(2).mean() + self.ser.loss(pair)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.01)
-
-    data = torch.utils.data.TensorDataset(make_images(8, seed=3))
-    module = Module()
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=1)])
-    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
-    assert module.ser.is_attached
-
-
 class _LitSER:
     """A LightningModule holding the handle (built lazily: lightning is an optional extra)."""
 
@@ -227,6 +200,18 @@ class _LitSER:
                 return torch.optim.SGD(self.parameters(), lr=0.01)
 
         return Module
+
+
+def test_lightning_swa_callback_with_handle_on_module():
+    import lightning as L
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    data = torch.utils.data.TensorDataset(make_images(8, seed=3))
+    module = _LitSER.make()()
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=1)])
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
+    assert module.ser.is_attached
 
 
 def test_lightning_checkpoint_save_and_load(tmp_path):
