@@ -88,15 +88,8 @@ def save(name: str, data: Dict[str, Any], markdown: str, out_dir: Optional[Path]
     return path
 
 
-def md_table(rows: Sequence[Dict[str, Any]], cols: Sequence[str]) -> str:
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.5g}"
-        return str(v)
-
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples" / "demo"))
+from ser_demo.report import md_table  # noqa: E402,F401  (the one markdown-table helper of the repo)
 
 
 # ---------------------------------------------------------------------------------------------- FLOPs
