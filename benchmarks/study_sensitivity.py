@@ -62,6 +62,8 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "L4_lam0.3": dict(arm="ser", layer=4, lam=0.3),
     "b2_10_lam0.3": dict(arm="ser", b2_share=0.10, lam=0.3),
     "b2_10_lam3": dict(arm="ser", b2_share=0.10, lam=3.0),
+    "L4_b2_10": dict(arm="ser", layer=4, b2_share=0.10),  # the two that fail on different datasets (photos, textures)
+    "L1_lam3": dict(arm="ser", layer=1, lam=3.0),  # a shallow layer (safe on digits) with the strong lambda
     # Barlow Twins lambda sweep
     "barlow_baseline": dict(objective="barlow", arm="baseline"),
     "barlow_lam1": dict(objective="barlow", arm="ser", lam=1.0),
