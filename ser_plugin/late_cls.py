@@ -1,4 +1,4 @@
-"""Late [CLS] insertion (method.md §5): blocks 1..L see patch tokens only; the raw prefix tokens
+"""Late [CLS] insertion (docs/method.md §5): blocks 1..L see patch tokens only; the raw prefix tokens
 ([CLS], registers, without positional embedding) are concatenated right after block L. Reversible."""
 
 from __future__ import annotations

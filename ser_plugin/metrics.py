@@ -30,7 +30,7 @@ def equivariance_score(
 ) -> Dict[int, Dict[str, float]]:
     """Mean cosine similarity between ``ρ_g(F_L(x))`` and ``F_L(g·x)`` over tokens, images and ``g ≠ e``.
 
-    Two figures per layer (method.md §8): ``raw`` and ``centred`` (each map's mean token subtracted per
+    Two figures per layer (docs/method.md §8): ``raw`` and ``centred`` (each map's mean token subtracted per
     image and channel first — the raw score has a high floor from background and the shared mean).
     The model runs in eval mode (restored afterwards) under no_grad; prefix tokens are removed per layer.
 

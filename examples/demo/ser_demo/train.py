@@ -1,6 +1,6 @@
 """Pretraining for the demo and the study: a small timm ViT, a lightly SSL objective, optional SER.
 
-The batch split (method.md §7, matched 2-view budget): each batch of B images is split into ``b1``
+The batch split (docs/method.md §7, matched 2-view budget): each batch of B images is split into ``b1``
 (the host's usual two random-resized-crop views) and ``b2`` (a share ``b2_share`` of the batch) whose two
 views come from SER's equivariant-view policy T_eq (photometric + D4, no crop between the views). Both
 views of b1 *and* b2 enter the host SSL loss: ``L = L_inv(b1 ∪ b2) + λ·L_equiv(b2)``. Every arm sees
@@ -41,7 +41,7 @@ ARMS: Dict[str, Dict[str, Any]] = {
     "ser_head": dict(b2=True, late_cls=False, ser=True, head=True),
 }
 OBJECTIVES = ("mocov3", "dino", "barlow")
-# method.md §4: λ and τ per objective (released code: λ 1.0 MoCo-v3 / 0.3 DINO / 1.0 Barlow Twins; τ 0.3-0.5)
+# docs/method.md §4: λ and τ per objective (released code: λ 1.0 MoCo-v3 / 0.3 DINO / 1.0 Barlow Twins; τ 0.3-0.5)
 DEFAULT_LAM = {"mocov3": 1.0, "dino": 0.3, "barlow": 1.0}
 DEFAULT_TAU = {"mocov3": 0.4, "dino": 0.5, "barlow": 0.4}
 
