@@ -32,18 +32,19 @@ def _view_options(cfg: SERConfig) -> Dict[str, Any]:
     return {"pairing": cfg.pairing, "image_interpolation": cfg.image_interpolation}
 
 
-def build_config(layer: Any, config: Optional[SERConfig], preset: Optional[str], options: Dict[str, Any]) -> SERConfig:
-    """The handle's SERConfig: ``preset`` (if any), then ``config`` (if any), then ``options`` and ``layer``.
+def build_config(layer: Any, config: Optional[SERConfig], preset: Optional[str], options: Dict[str, Any], caller: str = "attach_ser") -> SERConfig:
+    """The SERConfig of an entry point (``attach_ser``, ``SERCallback``): ``preset`` (if any), then ``config`` (if
+    any), then ``options`` and ``layer``. ``caller`` names the entry point in error messages.
 
     Raises:
         SERError: an unknown option (listing the valid ones), a bad value, or no layer.
     """
     SERConfig.check_names(options, also=NOT_CONFIG_OPTIONS)
     if config is not None and not isinstance(config, SERConfig):
-        raise SERError(f"config must be a SERConfig, got {type(config).__name__}; build one with SERConfig(...) or pass options as keywords.")
+        raise SERError(f"{caller}(config=...) must be a SERConfig, got {type(config).__name__}; build one with SERConfig(...) or pass options as keywords.")
     if preset is not None:
         if config is not None:
-            raise SERError("give either config= or preset=, not both (SERConfig.preset(name, **overrides) combines them).")
+            raise SERError(f"give {caller} either config= or preset=, not both (SERConfig.preset(name, **overrides) combines them).")
         config = SERConfig.preset(preset)
     cfg = config if config is not None else SERConfig()
     if layer is not None:
@@ -51,7 +52,8 @@ def build_config(layer: Any, config: Optional[SERConfig], preset: Optional[str],
     if options:
         cfg = cfg.replace(**options)
     if cfg.layer is None:
-        raise SERError("no layer given: attach_ser(model, layer) or SERConfig(layer=...); layer L is the block whose output SER regularises (1..depth).")
+        raise SERError(f"no layer given: {caller} needs a layer — {caller}(..., layer=L) or config=SERConfig(layer=L); "
+                       "layer L is the block whose output SER regularises (1..depth).")
     return cfg
 
 

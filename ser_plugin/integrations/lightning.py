@@ -51,7 +51,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..attach import SER, attach_ser
+from ..attach import SER, attach_ser, build_config
 from ..config import NOT_CONFIG_OPTIONS, SERConfig
 from ..errors import SERError
 from ..late_cls import convert_late_cls
@@ -207,21 +207,9 @@ class SERCallback(Callback):
         **options: Any,
     ) -> None:
         super().__init__()
-        if config is not None and not isinstance(config, SERConfig):
-            raise SERError(f"SERCallback(config=...) must be a SERConfig, got {type(config).__name__}.")
-        SERConfig.check_names(options, also=NOT_CONFIG_OPTIONS)
         self.attach_options = {k: options.pop(k) for k in list(options) if k in NOT_CONFIG_OPTIONS and k != "preset"}
         preset = options.pop("preset", None)
-        if preset is not None:
-            if config is not None:
-                raise SERError("give SERCallback either config= or preset=, not both (SERConfig.preset(name, **overrides) combines them).")
-            config = SERConfig.preset(preset)
-        cfg = config if config is not None else SERConfig()
-        if layer is not None:
-            options["layer"] = layer
-        self.config: SERConfig = cfg.replace(**options) if options else cfg
-        if self.config.layer is None:
-            raise SERError("SERCallback needs a layer: SERCallback(layer=L, ...) or config=SERConfig(layer=L); L is the block whose output SER regularises.")
+        self.config: SERConfig = build_config(layer, config, preset, options, caller="SERCallback")
         self.backbone = backbone
         self.images = images or first_image_batch
         self.inject, self.concatenated = inject, concatenated
