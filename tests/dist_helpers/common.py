@@ -6,10 +6,13 @@ reference in the test see bit-identical weights, images and group elements.
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+import os
+import traceback
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -91,3 +94,20 @@ def naive_ser_loss(maps: List[Tuple[Tensor, Tensor, GroupElement]], tau: float) 
 
 def flat_grads(model: nn.Module) -> Dict[str, Tensor]:
     return {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+
+
+def run_scenarios(scenarios: Sequence[Tuple[str, Callable[[int, int], Any]]], out_dir: str, only: Optional[Sequence[str]] = None) -> None:
+    """Runs each ``(name, fn(rank, world))`` on this rank (an error is recorded, not raised, so the test can show it),
+    with a barrier after each, saves ``rank<r>.pt`` in ``out_dir`` and destroys the process group."""
+    r, world = dist.get_rank(), dist.get_world_size()
+    res: Dict[str, Any] = {"world": world}
+    for name, fn in scenarios:
+        if only and name not in only:
+            continue
+        try:
+            res[name] = fn(r, world)
+        except Exception as e:  # noqa: BLE001 - recorded for the test
+            res[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+        dist.barrier()
+    torch.save(res, os.path.join(out_dir, f"rank{r}.pt"))
+    dist.destroy_process_group()

@@ -18,7 +18,6 @@ import argparse
 import functools
 import os
 import sys
-import traceback
 from datetime import timedelta
 from typing import Dict, List, Tuple
 
@@ -32,7 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(HERE)), "benchma
 
 from sync_counter import count_collectives, count_syncs  # noqa: E402
 
-from dist_helpers.common import LAYER, make_images, make_pair, make_vit, slice_pair  # noqa: E402
+from dist_helpers.common import LAYER, make_images, make_pair, make_vit, run_scenarios, slice_pair  # noqa: E402
 from ser_plugin import GroupElement, TokenHead, TokenInfoNCE, attach_ser  # noqa: E402
 
 PER_RANK = 3
@@ -247,18 +246,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=30))
-    r, world = dist.get_rank(), dist.get_world_size()
-    res = {"world": world}
-    for name, fn in scenarios():
-        if args.only and name not in args.only:
-            continue
-        try:
-            res[name] = fn(r, world)
-        except Exception as e:  # noqa: BLE001 - recorded for the test
-            res[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-        dist.barrier()
-    torch.save(res, os.path.join(args.out, f"rank{r}.pt"))
-    dist.destroy_process_group()
+    run_scenarios(scenarios(), args.out, args.only)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import traceback
 
 import torch
 import torch.distributed as dist
@@ -25,7 +24,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dist_helpers.common import LAYER, make_images, make_pair, make_vit, slice_pair  # noqa: E402
+from dist_helpers.common import LAYER, make_images, make_pair, make_vit, run_scenarios, slice_pair  # noqa: E402
 from ser_plugin import attach_ser  # noqa: E402
 
 EVEN_N = 8
@@ -163,16 +162,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    r, world = dist.get_rank(), dist.get_world_size()
-    res = {"world": world}
-    for name, fn in (("even", even), ("uneven", uneven), ("wrapped", wrapped), ("nogather", nogather), ("forward_loss", forward_loss), ("ser_only", ser_only)):
-        try:
-            res[name] = fn(r, world)
-        except Exception as e:
-            res[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-        dist.barrier()
-    torch.save(res, os.path.join(args.out, f"rank{r}.pt"))
-    dist.destroy_process_group()
+    run_scenarios((("even", even), ("uneven", uneven), ("wrapped", wrapped), ("nogather", nogather), ("forward_loss", forward_loss),
+                   ("ser_only", ser_only)), args.out)
 
 
 if __name__ == "__main__":
