@@ -15,14 +15,15 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import Tensor, nn
 
-from .capture import InputInfo, check_pair, pairing_checks, split_captures, tokens_to_map
+from .capture import InputInfo, check_pair, pairing_checks, split_captures
 from .config import NOT_CONFIG_OPTIONS, SERConfig
 from .errors import SERError
 from .late_cls import LateCLS, convert_late_cls
 from .objective import SERLoss, refuse_fixed_option
 from .tap import EarlyExit, LayerTap, live_taps, remove_tap_hooks
 from .views import EquivariantViews, ViewPair
-from .vit import ViTDescription, describe_vit, resolve_layer
+from .backbones import at_layer, block_map, describe_backbone, layer_meaning, refuse_for_maps, resolve_model_layer
+from .vit import ViTDescription
 
 __all__ = ["SER", "attach_ser", "remove_ser", "build_config"]
 
@@ -125,8 +126,10 @@ class SER(nn.Module):
         super().__init__()
         cfg = build_config(layer, config, preset, options)
         model = _target_model(model)
-        vit = describe_vit(model, blocks, patch_size, num_prefix_tokens)
-        index = resolve_layer(cfg.layer, vit.depth)
+        vit = describe_backbone(model, blocks, patch_size, num_prefix_tokens)  # a ViT, or a CNN / Swin (ser_plugin.backbones)
+        index = resolve_model_layer(vit, cfg.layer)
+        vit = at_layer(vit, index)  # maps: the layer's stride and channels
+        refuse_for_maps(cfg, vit, model)
         _refuse_impossible(cfg, vit, index, forward, model)
         self.config, self.vit, self._layer, self._forward = cfg, vit, index + 1, forward
         self.__dict__["_model"] = model  # not a submodule: ser.parameters() are SER's own
@@ -159,7 +162,7 @@ class SER(nn.Module):
     last_loss = property(lambda self: self.objective.last_loss, doc="Last unweighted L_equiv (detached).")
 
     def _to_map(self, tokens: Tensor, info: Optional[InputInfo], layer: int) -> Tensor:
-        return tokens_to_map(tokens, info.hw if info is not None else None, self.vit.patch_size, self._prefix, layer)[0]
+        return block_map(tokens, info.hw if info is not None else None, self.vit, self._prefix, layer)
 
     def _live(self) -> LayerTap:
         if not self.is_attached:
@@ -258,7 +261,7 @@ class SER(nn.Module):
         return state
 
     def extra_repr(self) -> str:
-        return (f"layer={self.layer}/{self.depth}, lam={self.lam}, tau={self.tau}, {self.vit!r}, late_cls={self.config.late_cls}, "
+        return (f"layer={self.layer}/{self.depth} ({layer_meaning(self.vit, self.layer)}), lam={self.lam}, tau={self.tau}, {self.vit!r}, late_cls={self.config.late_cls}, "
                 f"attached={self.is_attached}").replace(f"prefix_tokens={self.vit.num_prefix_tokens}", f"prefix_tokens={self._prefix}")
 
 
