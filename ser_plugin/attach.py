@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import Tensor, nn
 
+from .backbones import at_layer, block_map, describe_backbone, layer_meaning, refuse_for_maps, resolve_model_layer
 from .capture import InputInfo, check_pair, pairing_checks, split_captures
 from .config import NOT_CONFIG_OPTIONS, SERConfig
 from .errors import SERError
@@ -22,7 +23,6 @@ from .late_cls import LateCLS, convert_late_cls
 from .objective import SERLoss, refuse_fixed_option
 from .tap import EarlyExit, LayerTap, live_taps, remove_tap_hooks
 from .views import EquivariantViews, ViewPair
-from .backbones import at_layer, block_map, describe_backbone, layer_meaning, refuse_for_maps, resolve_model_layer
 from .vit import ViTDescription
 
 __all__ = ["SER", "attach_ser", "remove_ser", "build_config"]

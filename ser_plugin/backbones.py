@@ -227,7 +227,7 @@ def describe_backbone(model: nn.Module, blocks: BlocksArg = None, patch_size: Op
             raise
         cands = _conv_candidates(model)
         raise SERError(
-            f"{type(model).__name__} is neither a ViT nor a backbone family SER recognises (timm models with forward_intermediates "
+            f"no transformer blocks found in {type(model).__name__}, and it is not a backbone family SER recognises (timm models with forward_intermediates "
             "and feature_info such as ResNet / ConvNeXt / Swin; torchvision ResNet / ConvNeXt / SwinTransformer; or the same inside "
             "a .backbone / .vit / .base_encoder attribute). Pass the modules whose outputs are the layers, in order: "
             "attach_ser(model, L, blocks='path.to.stages') or blocks=[stage1, stage2, ...]"

@@ -8,11 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .capture import InputInfo, tokens_to_map
+from .backbones import map_of, measured_layers
+from .capture import InputInfo
 from .errors import SERError
 from .group import D4_ELEMENTS, GroupElement, act_image, rho
 from .tap import LayerTap
-from .vit import detect_patch_size, find_blocks, resolve_layer
+from .vit import resolve_layer
 
 __all__ = ["equivariance_score"]
 
@@ -41,20 +42,17 @@ def equivariance_score(
     Returns:
         ``{layer: {"raw": float, "centred": float}}``.
     """
-    blist = find_blocks(model, blocks)
+    blist, strides, fam = measured_layers(model, blocks, patch_size)  # ViT blocks, or a CNN / Swin's layers (ser_plugin.backbones)
     depth = len(blist)
     wanted = list(range(1, depth + 1)) if layers is None else ([layers] if isinstance(layers, int) else list(layers))
     idx = {L: resolve_layer(L, depth) for L in wanted}
     if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[-1] != x.shape[-2]:
         raise SERError(f"equivariance_score needs square images (B, C, H, H) so quarter turns keep the shape, got {tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}.")
-    psz = (patch_size, patch_size) if patch_size is not None else detect_patch_size(model)
-    if psz is None:
-        raise SERError("the patch size could not be detected; pass patch_size=.")
     els = [e for e in D4_ELEMENTS if e != (0, 0)] if elements is None else list(elements)
     order = sorted(wanted, key=lambda L: idx[L])
 
     def to_map(tokens: Tensor, info: Optional[InputInfo], layer: int) -> Tensor:
-        return tokens_to_map(tokens, info.hw if info is not None else None, psz, None, layer)[0].float()
+        return map_of(tokens, info.hw if info is not None else None, strides[layer - 1], fam, layer).float()
 
     # the same tap as SER's capture; SER handles on this model record nothing while the score runs
     tap = LayerTap(model, {L: blist[idx[L]] for L in order}, to_map, fingerprints=False)
