@@ -126,7 +126,7 @@ class SER(nn.Module):
         super().__init__()
         cfg = build_config(layer, config, preset, options)
         model = _target_model(model)
-        vit = describe_backbone(model, blocks, patch_size, num_prefix_tokens)  # a ViT, or a CNN / Swin (ser_plugin.backbones)
+        vit = describe_backbone(model, blocks, patch_size, num_prefix_tokens, forward)  # a ViT, or a CNN / Swin (ser_plugin.backbones)
         index = resolve_model_layer(vit, cfg.layer)
         vit = at_layer(vit, index)  # maps: the layer's stride and channels
         refuse_for_maps(cfg, vit, model)

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
+import torch
 from torch import Tensor, nn
 
 from .capture import tokens_to_map
@@ -80,6 +81,8 @@ class MapDescription(ViTDescription):
 
     @property
     def convention(self) -> str:
+        if self.family.endswith("(blocks=)"):
+            return "layer L = output of blocks[L-1]"
         if self.family.startswith("torchvision"):
             return "layer L = map L of timm's forward_intermediates for this architecture"
         return "layer L = forward_intermediates(indices=[L-1]), feature_info[L-1]"
@@ -155,6 +158,59 @@ def _other_sizes(root: nn.Module, family: str) -> bool:
     return bool(getattr(root, "dynamic_img_size", False)) or getattr(pe, "strict_img_size", True) is False
 
 
+def _probe_size(root: nn.Module) -> int:
+    """An input side the model accepts: a timm Swin's fixed ``img_size``, else 224 (every stride divides it)."""
+    size = getattr(getattr(root, "patch_embed", None), "img_size", None)
+    if isinstance(size, (tuple, list)) and size:
+        return int(size[0])
+    return int(size) if isinstance(size, int) else 224
+
+
+def probe_layers(model: nn.Module, modules: Sequence[nn.Module], in_chans: int, size: int,
+                 forward: Optional[Callable[[nn.Module, Tensor], Any]] = None) -> Optional[List[Tuple[int, ...]]]:
+    """Output shapes of ``modules`` for one ``(1, in_chans, size, size)`` input, without computing anything: the
+    forward runs on fake tensors (shapes only), every module in eval mode so no buffer is updated, the training
+    flags restored afterwards. The strides are read from these shapes, so a modified stem (CIFAR ResNets: a 3×3
+    stride-1 ``conv1`` and no max-pool) is described as it is. None when the model cannot be run that way."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    shapes: List[Optional[Tuple[int, ...]]] = [None] * len(modules)
+
+    def recorder(i: int) -> Callable[..., None]:
+        def hook(mod: nn.Module, args: Any, out: Any) -> None:
+            t = out if isinstance(out, Tensor) else (out[0] if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor) else None)
+            if t is not None and shapes[i] is None:
+                shapes[i] = tuple(int(d) for d in t.shape)
+        return hook
+
+    flags = [(m, m.training) for m in model.modules()]
+    handles = [m.register_forward_hook(recorder(i)) for i, m in enumerate(modules)]
+    try:
+        for m, _ in flags:
+            m.training = False
+        with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+            x = torch.empty(1, in_chans, size, size)
+            forward(model, x) if forward is not None else model(x)
+    except Exception:  # noqa: BLE001 - a model that cannot run on fake tensors keeps its declared strides
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in flags:
+            m.training = t
+    return None if any(sh is None for sh in shapes) else shapes  # type: ignore[return-value]
+
+
+def _measured(shapes: Optional[List[Tuple[int, ...]]], layout: str, size: int) -> Optional[Tuple[Tuple[int, ...], Tuple[int, ...]]]:
+    """(strides, widths) from probed 4-D shapes; None if they are not 4-D or the size is not a whole multiple."""
+    if shapes is None or any(len(sh) != 4 for sh in shapes):
+        return None
+    hw = [(sh[1], sh[3]) if layout == "NHWC" else (sh[2], sh[1]) for sh in shapes]
+    if any(h < 1 or size % h for h, _ in hw):
+        return None
+    return tuple(size // h for h, _ in hw), tuple(c for _, c in hw)
+
+
 def describe_map_family(model: nn.Module) -> Optional[MapDescription]:
     """The :class:`MapDescription` of a recognised map backbone (``model`` or a wrapped ``backbone`` / ``vit`` /
     ``base_encoder``), None if ``model`` is none of them.
@@ -180,10 +236,15 @@ def describe_map_family(model: nn.Module) -> Optional[MapDescription]:
     names = tuple(f"{prefix}.{n}" if prefix else n for n, _, _ in layers)
     blocks = tuple(model.get_submodule(n) for n in names)
     conv = next((c for c in root.modules() if isinstance(c, nn.Conv2d)), None)
+    in_chans = conv.in_channels if conv is not None else None
+    strides, widths = tuple(s for _, _, s in layers), tuple(w for _, w, _ in layers)
+    size = _probe_size(root)
+    measured = _measured(probe_layers(model, blocks, in_chans or 3, size), layout, size)
+    if measured is not None:  # what the model does, not what its class declares (a replaced stem changes the strides)
+        strides, widths = measured
     return MapDescription(blocks=blocks, blocks_path=None, patch_size=None, num_prefix_tokens=0, width=None,
-                          in_chans=conv.in_channels if conv is not None else None, accepts_other_sizes=_other_sizes(root, family),
-                          family=family, layout=layout, layer_names=names, strides=tuple(s for _, _, s in layers),
-                          widths=tuple(w for _, w, _ in layers))
+                          in_chans=in_chans, accepts_other_sizes=_other_sizes(root, family),
+                          family=family, layout=layout, layer_names=names, strides=strides, widths=widths)
 
 
 def _path(model: nn.Module, sub: nn.Module) -> str:
@@ -200,8 +261,26 @@ def _conv_candidates(model: nn.Module) -> List[str]:
     return out[:6]
 
 
+def _user_cnn(model: nn.Module, desc: ViTDescription, forward: Optional[Callable[[nn.Module, Tensor], Any]]) -> Optional[MapDescription]:
+    """``blocks=`` modules that output 4-D maps (a user's CNN): their strides and widths, probed on fake tensors."""
+    conv = next((c for c in model.modules() if isinstance(c, nn.Conv2d)), None)
+    in_chans = desc.in_chans or (conv.in_channels if conv is not None else 3)
+    for size in (224, 64, 32):
+        shapes = probe_layers(model, desc.blocks, in_chans, size, forward)
+        if shapes is not None:
+            break
+    if shapes is None or any(len(sh) != 4 for sh in shapes):
+        return None
+    measured = _measured(shapes, "NCHW", size)
+    strides, widths = measured if measured is not None else ((None,) * len(shapes), tuple(sh[1] for sh in shapes))
+    names = tuple((f"{desc.blocks_path}.{i}" if desc.blocks_path else f"blocks[{i}]") for i in range(len(shapes)))
+    return MapDescription(blocks=desc.blocks, blocks_path=desc.blocks_path, patch_size=desc.patch_size, num_prefix_tokens=0,
+                          width=None, in_chans=in_chans, accepts_other_sizes=True, family=f"{type(model).__name__} (blocks=)",
+                          layout="NCHW", layer_names=names, strides=strides, widths=widths)
+
+
 def describe_backbone(model: nn.Module, blocks: BlocksArg = None, patch_size: Optional[int] = None,
-                      num_prefix_tokens: Optional[int] = None) -> ViTDescription:
+                      num_prefix_tokens: Optional[int] = None, forward: Optional[Callable[[nn.Module, Tensor], Any]] = None) -> ViTDescription:
     """What SER needs to know about ``model``: a :class:`MapDescription` for a recognised CNN / Swin, the
     :func:`~ser_plugin.vit.describe_vit` description otherwise (ViTs, and any model with ``blocks=`` given).
 
@@ -221,7 +300,10 @@ def describe_backbone(model: nn.Module, blocks: BlocksArg = None, patch_size: Op
                 raise SERError(f"patch_size={patch_size}: {fam.family}'s layers have their own strides {fam.strides}; drop patch_size=.")
             return fam
     try:
-        return describe_vit(model, blocks, patch_size, num_prefix_tokens)
+        desc = describe_vit(model, blocks, patch_size, num_prefix_tokens)
+        if blocks is not None and not num_prefix_tokens:
+            return _user_cnn(model, desc, forward) or desc
+        return desc
     except SERError as err:
         if blocks is not None or "no transformer blocks found" not in str(err):
             raise
@@ -259,6 +341,11 @@ def at_layer(desc: ViTDescription, index: int) -> ViTDescription:
     if not isinstance(desc, MapDescription):
         return desc
     s, w = desc.strides[index], desc.widths[index]
+    if desc.patch_size is not None and s is not None and desc.patch_size != (s, s):
+        raise SERError(f"patch_size={desc.patch_size[0]} but layer {index + 1} of {desc.family} has stride {s} (measured: an input of side S "
+                       f"gives an S/{s} map); drop patch_size= (for a CNN it is the layer's stride, measured at attach).")
+    if s is None and desc.patch_size is not None:
+        s = desc.patch_size[0]
     return dataclasses.replace(desc, patch_size=(s, s) if s else None, width=w, layer=index + 1)
 
 
