@@ -76,6 +76,7 @@ class Config:
     # a SERConfig preset (e.g. "authors"): its views, photometrics, head and late [CLS] replace the arm's; scale stays
     # off because the matched budget concatenates the SER views with b1's fixed-size crops
     preset: Optional[str] = None
+    backbone: str = "vit"  # vit, resnet, convnext or swin (ser_demo/backbones.py; depth = the family's layer count)
 
     def resolved(self) -> Config:
         c = copy.copy(self)
@@ -97,6 +98,10 @@ def build_vit(cfg: Config, in_chans: int) -> nn.Module:
     """timm's VisionTransformer, small; ``dynamic_img_size`` so the spatial probe can feed bigger canvases."""
     from timm.models.vision_transformer import VisionTransformer
 
+    if cfg.backbone != "vit":
+        from .backbones import build_backbone
+
+        return build_backbone(cfg, in_chans)
     return VisionTransformer(
         img_size=cfg.img_size, patch_size=cfg.patch, in_chans=in_chans, num_classes=0, embed_dim=cfg.width,
         depth=cfg.depth, num_heads=cfg.heads, mlp_ratio=2.0, dynamic_img_size=True,
