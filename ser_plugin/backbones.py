@@ -24,6 +24,7 @@ See docs/backbones.md for the table of families and what holds exactly for a CNN
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
@@ -169,8 +170,8 @@ def _probe_size(root: nn.Module) -> int:
 def probe_layers(model: nn.Module, modules: Sequence[nn.Module], in_chans: int, size: int,
                  forward: Optional[Callable[[nn.Module, Tensor], Any]] = None) -> Optional[List[Tuple[int, ...]]]:
     """Output shapes of ``modules`` for one ``(1, in_chans, size, size)`` input, without computing anything: the
-    forward runs on fake tensors (shapes only), every module in eval mode so no buffer is updated, the training
-    flags restored afterwards. The strides are read from these shapes, so a modified stem (CIFAR ResNets: a 3×3
+    forward runs on fake tensors (shapes only), every module in eval mode so no buffer is updated and without the
+    model's own forward hooks, the training flags and hooks restored afterwards. The strides are read from these shapes, so a modified stem (CIFAR ResNets: a 3×3
     stride-1 ``conv1`` and no max-pool) is described as it is. None when the model cannot be run that way."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -184,6 +185,10 @@ def probe_layers(model: nn.Module, modules: Sequence[nn.Module], in_chans: int, 
         return hook
 
     flags = [(m, m.training) for m in model.modules()]
+    # the model's own hooks stay out of the fake pass (a user's logging hook would see fake tensors)
+    saved = [(m, m._forward_hooks, m._forward_pre_hooks) for m in model.modules()]
+    for m, _, _ in saved:
+        m._forward_hooks, m._forward_pre_hooks = OrderedDict(), OrderedDict()
     handles = [m.register_forward_hook(recorder(i)) for i, m in enumerate(modules)]
     try:
         for m, _ in flags:
@@ -196,6 +201,8 @@ def probe_layers(model: nn.Module, modules: Sequence[nn.Module], in_chans: int, 
     finally:
         for h in handles:
             h.remove()
+        for m, fwd, pre in saved:
+            m._forward_hooks, m._forward_pre_hooks = fwd, pre
         for m, t in flags:
             m.training = t
     return None if any(sh is None for sh in shapes) else shapes  # type: ignore[return-value]
