@@ -418,6 +418,10 @@ def measured_layers(model: nn.Module, blocks: BlocksArg, patch_size: Optional[in
         return list(fam.blocks), [(int(s), int(s)) for s in fam.strides], fam  # type: ignore[arg-type]
     from .vit import detect_patch_size, find_blocks
 
+    if blocks is not None and patch_size is None:  # a user's CNN: its measured strides
+        desc = describe_backbone(model, blocks)
+        if isinstance(desc, MapDescription) and all(s is not None for s in desc.strides):
+            return list(desc.blocks), [(int(s), int(s)) for s in desc.strides], None  # type: ignore[arg-type]
     blist = find_blocks(model, blocks)
     psz = (patch_size, patch_size) if patch_size is not None else detect_patch_size(model)
     if psz is None:
