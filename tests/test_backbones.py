@@ -472,3 +472,48 @@ def test_ddp_gather_path_accepts_cnn_maps():
     assert torch.allclose(got, ref.detach(), atol=1e-6)
     ser.remove()
 
+
+
+# ------------------------------------------------------------------------------------------------ DDP
+
+
+def test_ddp_on_cnn_maps_equals_one_process(tmp_path):
+    """2 gloo processes x 4 images (tiny timm ConvNeXt, SER at stages.1): the same losses, gradients and SGD update
+    as one process on all 8 images."""
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path.insert(0, here)
+    from dist_helpers import ddp_maps_step as step
+    from dist_helpers.common import make_images, make_pair
+
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(here) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(here, "dist_helpers", "ddp_maps_step.py"), "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False)["convnext"] for r in (0, 1)]
+    for r in res:
+        assert "error" not in r, r.get("traceback")
+    net = step.make_convnext(0)
+    ser = attach_ser(net, step.LAYER, photometric=None)
+    pair = make_pair(make_images(step.N, seed=30), seed=31)
+    with ser.capture():
+        o1, o2 = net(pair.x1), net(pair.x2)
+    host = (o1 - o2).pow(2).mean()
+    ser_loss = ser.loss(pair)
+    (host + ser_loss).backward()
+    grads = {n: p.grad.detach().clone() for n, p in net.named_parameters()}
+    torch.optim.SGD(net.parameters(), lr=step.LR).step()
+
+    def close(a, b):
+        return torch.allclose(a, b, atol=2e-5, rtol=1e-4)
+
+    assert close((res[0]["ser"] + res[1]["ser"]) / 2, ser_loss.detach()), (res[0]["ser"], res[1]["ser"], ser_loss)
+    assert not close(res[0]["ser"], res[1]["ser"])  # the ranks saw different images
+    for r in res:
+        bad = [n for n in grads if not close(r["grads"][n], grads[n])]
+        assert not bad, bad[:5]
+        assert all(close(r["params"][n], p.detach()) for n, p in net.named_parameters())
