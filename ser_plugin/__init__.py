@@ -5,7 +5,7 @@
 """
 
 from .attach import SER, attach_ser, remove_ser
-from .config import PRESETS, SERConfig
+from .config import PRESETS, SERConfig, resolve_config
 from .errors import SERError
 from .group import D4_ELEMENTS, GroupElement, act_image, rho, transform_grid
 from .late_cls import LateCLS, convert_late_cls
@@ -22,6 +22,7 @@ __all__ = [
     "remove_ser",
     "SERConfig",
     "PRESETS",
+    "resolve_config",
     "SERLoss",
     "SERError",
     "GroupElement",
