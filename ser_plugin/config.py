@@ -97,7 +97,7 @@ def resolve_config(
     elif isinstance(base, SERConfig):
         cfg = base
     else:
-        raise SERError(f"config must be a SERConfig, got {type(base).__name__}; build one with SERConfig(...) or pass the options as keywords.")
+        raise SERError(f"config must be a SERConfig (or a name in ser_plugin.PRESETS), got {type(base).__name__}; build one with SERConfig(...) or pass the options as keywords.")
     if preset is not None:
         overrides = {**_named(preset), **overrides}
     if layer is not None:
