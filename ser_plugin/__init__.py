@@ -7,7 +7,7 @@
 from .attach import SER, attach_ser, remove_ser
 from .config import PRESETS, SERConfig, resolve_config
 from .errors import SERError
-from .group import D4_ELEMENTS, GroupElement, act_image, rho, transform_grid
+from .group import D4_ELEMENTS, GroupElement, act_image, rho
 from .late_cls import LateCLS, convert_late_cls
 from .loss import TokenHead, TokenInfoNCE
 from .metrics import equivariance_score
@@ -29,7 +29,6 @@ __all__ = [
     "D4_ELEMENTS",
     "act_image",
     "rho",
-    "transform_grid",
     "EquivariantViews",
     "ViewPair",
     "ViewTransform",

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import tiny_timm
+
 from ser_plugin import attach_ser
 from ser_plugin.integrations import IMAGENET_MEAN, IMAGENET_STD, add_ser_args
 from ser_plugin.integrations.launch import b2_views_of_batch, import_checkout, launcher_config, with_base_crop

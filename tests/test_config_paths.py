@@ -12,8 +12,8 @@ import argparse
 from typing import Any, Callable, Dict, Optional
 
 import pytest
-
 from conftest import tiny_timm
+
 from ser_plugin import SERConfig, SERError, SERLoss, attach_ser, resolve_config
 from ser_plugin.integrations import add_ser_args, config_from_args, config_from_structured
 

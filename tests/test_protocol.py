@@ -17,8 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from ser_plugin import GroupElement, SERError, act_image, rho
-from ser_plugin import protocol
+from ser_plugin import GroupElement, SERError, act_image, protocol, rho
 from ser_plugin.protocol import ELEMENTS, ROTATIONS, map_errors, measure_equivariance, untrained_copy
 
 

@@ -4,7 +4,6 @@ mean/std convention (issue 9 class 1), reproducibility with a generator (issue 9
 from __future__ import annotations
 
 import itertools
-
 import warnings
 
 import pytest
