@@ -95,6 +95,17 @@ class BatchedPhotometric(nn.Module):
         variant = A.check_choice("variant", variant, A.PHOTOMETRIC_VARIANTS, "BatchedPhotometric")
         if kernel_size is not None and (kernel_size < 1 or kernel_size % 2 == 0):
             raise SERError(f"kernel_size must be a positive odd int, got {kernel_size!r}.")
+        self._setup(variant, second, kernel_size)
+
+    @classmethod
+    def _validated(cls, variant: str, second: bool) -> BatchedPhotometric:
+        """For the view policy, whose variant was validated with its config: not checked again."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._setup(variant, second, None)
+        return self
+
+    def _setup(self, variant: str, second: bool, kernel_size: Optional[int]) -> None:
         self.variant = variant
         self.second = second
         self.kernel_size = kernel_size

@@ -315,7 +315,7 @@ class EquivariantViews(nn.Module):
         if isinstance(photometric, tuple):
             self.p1, self.p2 = photometric
         elif photometric is not None:
-            self.p1, self.p2 = BatchedPhotometric(photometric, False), BatchedPhotometric(photometric, True)
+            self.p1, self.p2 = BatchedPhotometric._validated(photometric, False), BatchedPhotometric._validated(photometric, True)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) if mean is not None else None, persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) if std is not None else None, persistent=False)
         self._guard = _RangeGuard()

@@ -116,3 +116,26 @@ def test_precedence_is_base_then_preset_then_overrides() -> None:
     assert (cfg.pairing, cfg.head, cfg.late_cls) == ("authors", True, True)  # the preset on top of the recipe
     assert cfg.scale_frame == "view2"  # the override on top of the preset
     assert resolve_config(SERConfig(layer=4, pairing="no_identity"), "authors").pairing == "authors"
+
+
+def test_components_built_from_a_config_do_not_validate_again(monkeypatch) -> None:
+    """The allowed values and their checks live in ser_plugin.allowed; SERConfig runs them once. A handle or loss built
+    from a config reuses the validated values: with every check made to fail afterwards, they still build."""
+    from ser_plugin import allowed
+
+    cfg = SERConfig(layer=2, pairing="no_identity", scale=(0.8, 1.2), tau=0.3, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2))
+    vit = tiny_timm(dynamic_img_size=True)
+
+    def refuse(*a: Any, **k: Any) -> Any:
+        raise AssertionError("validated again")
+
+    for name in [n for n in dir(allowed) if n.startswith("check_")]:
+        monkeypatch.setattr(allowed, name, refuse)
+    ser = attach_ser(vit, config=cfg)
+    assert ser.view_policy.pairing == "no_identity" and ser.criterion.tau == 0.3
+    assert SERLoss(cfg).criterion.tau == 0.3
+    ser.remove()
+    with pytest.raises(AssertionError, match="validated again"):  # by hand, the components check their arguments
+        from ser_plugin import EquivariantViews
+
+        EquivariantViews(patch_size=8, pairing="no_identity")
