@@ -139,3 +139,20 @@ def test_components_built_from_a_config_do_not_validate_again(monkeypatch) -> No
         from ser_plugin import EquivariantViews
 
         EquivariantViews(patch_size=8, pairing="no_identity")
+
+
+def test_layer_resolved_once_and_one_late_cls_rule() -> None:
+    """The layer is resolved into the model description once (a negative layer counted from the end); the late-[CLS]
+    last-block rule gives one message whether it comes from attach_ser or convert_late_cls."""
+    from ser_plugin import convert_late_cls
+
+    vit = tiny_timm()
+    ser = attach_ser(vit, -2)
+    assert ser.vit.layer == ser.layer == 3 and ser.vit.depth == 4
+    ser.remove()
+    with pytest.raises(SERError) as from_attach:
+        attach_ser(vit, 4, late_cls=True)
+    with pytest.raises(SERError) as from_convert:
+        convert_late_cls(vit, -1)
+    assert str(from_attach.value) == str(from_convert.value) and "last block of 4" in str(from_attach.value)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in vit.modules())  # nothing left behind
