@@ -39,7 +39,6 @@ from common import flop_counter, md_table, patch_rho_for_meta, save  # noqa: E40
 import ser_plugin.loss as loss_mod  # noqa: E402
 from ser_plugin import GroupElement, TokenInfoNCE, ViewPair, attach_ser  # noqa: E402
 
-
 # ---------------------------------------------------------------------------------------------- model
 #: --model: timm architecture, SER layer, that layer's stride and channels. The CNN / Swin layers are the ones
 #: whose map has the ViT-S/16 grid (14x14 at 224 px): ResNet-50 layer 4 (layer3 output, stride 16, 1024 ch) and

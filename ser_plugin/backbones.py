@@ -61,8 +61,8 @@ class MapDescription(ViTDescription):
     Attributes:
         family: e.g. ``"timm ResNet"``. layout: ``"NCHW"`` or ``"NHWC"`` (what the hooked modules return).
         layer_names: the dotted module name of each layer. strides: each layer's total stride (None: unknown).
-        widths: each layer's channel count (None: unknown). layer: the chosen layer (1-based), 0 before
-        :func:`at_layer`.
+        widths: each layer's channel count (None: unknown). (``layer``, inherited: the chosen layer, set by
+        :func:`at_layer`.)
     """
 
     family: str = ""
@@ -70,7 +70,6 @@ class MapDescription(ViTDescription):
     layer_names: Tuple[str, ...] = ()
     strides: Tuple[Optional[int], ...] = ()
     widths: Tuple[Optional[int], ...] = ()
-    layer: int = 0
 
     def meaning(self, layer: int) -> str:
         """What ``layer`` (1-based) is in this model, e.g. ``"layer3 output (stride 16, 256 ch)"``."""
@@ -287,11 +286,14 @@ def _user_cnn(model: nn.Module, desc: ViTDescription, forward: Optional[Callable
 
 
 def describe_backbone(model: nn.Module, blocks: BlocksArg = None, patch_size: Optional[int] = None,
-                      num_prefix_tokens: Optional[int] = None, forward: Optional[Callable[[nn.Module, Tensor], Any]] = None) -> ViTDescription:
+                      num_prefix_tokens: Optional[int] = None, forward: Optional[Callable[[nn.Module, Tensor], Any]] = None,
+                      layer: Optional[int] = None) -> ViTDescription:
     """What SER needs to know about ``model``: a :class:`MapDescription` for a recognised CNN / Swin, the
     :func:`~ser_plugin.vit.describe_vit` description otherwise (ViTs, and any model with ``blocks=`` given).
 
-    With ``blocks=`` the given modules are the layers, whatever the family (a 4-D output is read as NCHW).
+    With ``blocks=`` the given modules are the layers, whatever the family (a 4-D output is read as NCHW). With
+    ``layer``, it is resolved against the depth and, for maps, the description carries that layer's stride as
+    ``patch_size`` and its channels as ``width`` (:func:`at_layer`).
 
     Raises:
         SERError: as :func:`~ser_plugin.vit.describe_vit`; for models that are neither a ViT nor a recognised
@@ -305,11 +307,13 @@ def describe_backbone(model: nn.Module, blocks: BlocksArg = None, patch_size: Op
                 raise SERError(f"num_prefix_tokens={num_prefix_tokens}: {fam.family} outputs spatial maps, it has no prefix tokens; drop it.")
             if patch_size is not None:
                 raise SERError(f"patch_size={patch_size}: {fam.family}'s layers have their own strides {fam.strides}; drop patch_size=.")
-            return fam
+            return fam if layer is None else at_layer(fam, resolve_model_layer(fam, layer))
     try:
-        desc = describe_vit(model, blocks, patch_size, num_prefix_tokens)
+        desc = describe_vit(model, blocks, patch_size, num_prefix_tokens, layer=layer)
         if blocks is not None and not num_prefix_tokens:
-            return _user_cnn(model, desc, forward) or desc
+            cnn = _user_cnn(model, desc, forward)
+            if cnn is not None:
+                return cnn if layer is None else at_layer(cnn, desc.layer - 1)  # type: ignore[operator]
         return desc
     except SERError as err:
         if blocks is not None or "no transformer blocks found" not in str(err):

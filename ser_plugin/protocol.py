@@ -50,7 +50,7 @@ from .capture import InputInfo
 from .errors import SERError
 from .group import GroupElement, act_image, rho
 from .tap import LayerTap
-from .vit import declared_prefix_tokens
+from .vit import declared_prefix_tokens, resolve_layer
 
 __all__ = ["ELEMENTS", "ProtocolResult", "measure_equivariance", "untrained_copy", "map_errors"]
 
@@ -128,6 +128,13 @@ class ProtocolResult:
         """Mean cosine similarity (1 − mean of ``one_minus_cos``) over the three quarter turns, per block
         (1 = exactly rotation-equivariant): the figure comparable to the paper's "rotation equivariance"."""
         return {b: 1.0 - sum(self.errors[r]["one_minus_cos"][i] for r in ROTATIONS) / len(ROTATIONS) for i, b in enumerate(self.blocks)}
+
+    def score(self) -> Dict[int, Dict[str, float]]:
+        """Mean cosine similarity over the seven non-identity D4 elements per block, ``{block: {"raw", "centred"}}``
+        (1 = exactly equivariant): ``1 −`` the mean of ``one_minus_cos`` and of ``one_minus_cos_centred``."""
+        d4 = [e for e in ELEMENTS if e in self.errors]
+        raw, centred = self.mean_over(d4, "one_minus_cos"), self.mean_over(d4, "one_minus_cos_centred")
+        return {b: {"raw": 1.0 - raw[i], "centred": 1.0 - centred[i]} for i, b in enumerate(self.blocks)}
 
     def mean_over(self, names: Sequence[str], metric: str = "one_minus_cos") -> List[float]:
         """``metric`` averaged over the elements ``names``, per block."""
@@ -230,7 +237,7 @@ def measure_equivariance(
     patch_size: Optional[int] = None,
     forward: Optional[Callable[[nn.Module, Tensor], Any]] = None,
     perm_seed: int = 0,
-    _rho: Callable[..., Tensor] = rho,
+    layers: Union[None, int, Sequence[int]] = None,
 ) -> ProtocolResult:
     """Runs the protocol on ``model`` with images ``x``.
 
@@ -247,6 +254,7 @@ def measure_equivariance(
         blocks, patch_size: as in :func:`ser_plugin.attach_ser`, when detection fails.
         forward: ``forward(model, images)`` when ``model(images)`` is not how the model is called.
         perm_seed: seed of the permutation control.
+        layers: the blocks to measure (``1..depth``, negative counts from the end; one or several); ``None``: all.
 
     Returns:
         :class:`ProtocolResult`.
@@ -266,12 +274,14 @@ def measure_equivariance(
     if bad:
         raise SERError(f"unknown control(s) {bad}; choose from identity, permutation, untrained.")
     depth = len(blist)
+    wanted_layers = list(range(1, depth + 1)) if layers is None else ([layers] if isinstance(layers, int) else list(layers))
+    measured = sorted({resolve_layer(L, depth) + 1 for L in wanted_layers})
     grid = x.shape[-1] // psz[0]
     n, dev = x.shape[0], x.device
     has_cls = bool(declared_prefix_tokens(model))
 
     def measure(net: nn.Module, nets_blocks: List[nn.Module]) -> Tuple[Callable[[Tensor], Tuple[Dict[int, Tensor], Any]], Callable[[], None]]:
-        order = list(range(1, depth + 1))
+        order = measured
         current: List[Tuple[int, int]] = [tuple(x.shape[-2:])]  # type: ignore[list-item]
 
         def to_map(tokens: Tensor, info: Optional[InputInfo], layer: int) -> Tensor:
@@ -279,14 +289,14 @@ def measure_equivariance(
             return map_of(tokens, hw, strides[layer - 1], fam, layer).float()
 
         # the same tap as SER's capture (one hook type); SER handles on this model record nothing meanwhile
-        tap = LayerTap(net, dict(zip(order, nets_blocks)), to_map, fingerprints=False)
+        tap = LayerTap(net, {L: nets_blocks[L - 1] for L in order}, to_map, fingerprints=False)
         run = (lambda t: forward(net, t)) if forward is not None else net
 
         def maps(inp: Tensor) -> Tuple[Dict[int, Tensor], Any]:
             current[0] = tuple(inp.shape[-2:])  # type: ignore[assignment]
             sink, out = tap.collect(net, lambda: run(inp))
-            if len(sink) != depth:
-                raise SERError(f"the forward pass ran {len(sink)} of the {depth} blocks; pass forward= if the model needs a custom call.")
+            if len(sink) != len(order):
+                raise SERError(f"the forward pass ran {len(sink)} of the {len(order)} measured blocks; pass forward= if the model needs a custom call.")
             return dict(zip(order, sink)), out
 
         return maps, tap.remove
@@ -299,7 +309,7 @@ def measure_equivariance(
         if not (isinstance(s, (int, float)) and s > 0 and math.isfinite(s)):
             raise SERError(f"scales must be positive numbers, got {s!r}.")
         specs[f"scale{s:g}"] = (0, 0, float(s))
-    result = ProtocolResult(blocks=list(range(1, depth + 1)), errors={},
+    result = ProtocolResult(blocks=list(measured), errors={},
                             resampler={"image": f"{image_mode} (antialiased when shrinking)", "tokens": token_mode}, images=n)
     was_training = model.training
     model.eval()
@@ -321,7 +331,7 @@ def measure_equivariance(
                 gx = act_image(x, g)
                 result.input_change[name] = float((gx - x).flatten(1).norm(dim=1).mean() / x.flatten(1).norm(dim=1).mean().clamp_min(1e-12))
                 moved, out = maps(gx)
-                pred = {b: _rho(base[b], g) for b in base}
+                pred = {b: rho(base[b], g) for b in base}
             else:
                 cells = max(1, int(round(grid * s)))
                 result.effective_scale[name] = cells / grid
@@ -333,7 +343,7 @@ def measure_equivariance(
                     raise SERError(f"the model rejected {cells * psz[0]} px input for scale {s} ({err}); build it to take other "
                                    "sizes (timm: dynamic_img_size=True) or pass scales=().") from err
                 gs = GroupElement.from_d4([0] * n, [0] * n, scale=(cells / grid, cells / grid), device=dev)
-                pred = {b: _rho(base[b], gs, size=(cells * psz[0] // strides[b - 1][0],) * 2, mode=token_mode) for b in base}
+                pred = {b: rho(base[b], gs, size=(cells * psz[0] // strides[b - 1][0],) * 2, mode=token_mode) for b in base}
             errs = [map_errors(pred[b], moved[b]) for b in result.blocks]
             result.errors[name] = {m: [e[m] for e in errs] for m in METRICS}
             e1 = embedding(out)
@@ -353,7 +363,7 @@ def measure_equivariance(
                 cells_b = fb.shape[-2] * fb.shape[-1]
                 if cells_b not in perms:
                     perms[cells_b] = torch.randperm(cells_b, generator=torch.Generator().manual_seed(perm_seed)).to(dev)
-            acc: Dict[str, List[float]] = {m: [0.0] * depth for m in METRICS}
+            acc: Dict[str, List[float]] = {m: [0.0] * len(measured) for m in METRICS}
             for name in d4:
                 g = _element(name, specs[name], n, dev)
                 moved, _ = maps(act_image(x, g))
@@ -372,6 +382,6 @@ def measure_equivariance(
         if blocks is not None and not isinstance(blocks, str):
             raise SERError("the untrained control needs blocks=None or a dotted path (a list of modules belongs to the trained model); "
                            "pass controls=('identity', 'permutation') or give the blocks as a dotted path.")
-        sub = measure_equivariance(twin, x, scales=(), controls=False, blocks=blocks, patch_size=patch_size, forward=forward, _rho=_rho)
+        sub = measure_equivariance(twin, x, scales=(), controls=False, blocks=blocks, patch_size=patch_size, forward=forward, layers=measured)
         result.controls["untrained"] = {m: sub.mean_over(d4, m) for m in METRICS}
     return result

@@ -26,9 +26,9 @@ sys.path.insert(0, str(HERE.parent.parent))  # this checkout's ser_plugin first
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from ser_demo.backbones import FAMILIES, apply_backbone_defaults  # noqa: E402
 from ser_demo.data import load_data  # noqa: E402
 from ser_demo.report import ARM_LABELS, COLUMNS, PCT, flatten, git_commit, markdown_table, md_table, plot_demo, welch  # noqa: E402
-from ser_demo.backbones import FAMILIES, apply_backbone_defaults  # noqa: E402
 from ser_demo.run import run_job, run_one  # noqa: E402
 from ser_demo.train import ARMS, OBJECTIVES, Config  # noqa: E402
 
