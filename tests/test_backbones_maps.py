@@ -143,3 +143,15 @@ def test_protocol_accepts_timm_cnns_each_layer_at_its_stride():
     sc = equivariance_score(net, x, layers=[2, 5])
     assert set(sc) == {2, 5} and all(-1 <= v["centred"] <= 1 for v in sc.values())
 
+
+
+def test_protocol_on_a_subset_of_layers_hooks_those_layers():
+    """layers=[4] measures layer 4 itself (the same numbers as layer 4 of the all-layers run), not the first block."""
+    timm = pytest.importorskip("timm")
+    net = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    full = measure_equivariance(net, x, scales=(), controls=False)
+    sub = measure_equivariance(net, x, scales=(), controls=False, layers=[4])
+    assert sub.blocks == [4]
+    assert sub.map_norm[0] == pytest.approx(full.map_norm[3], rel=1e-6)
+    assert sub.errors["rot90"]["one_minus_cos"][0] == pytest.approx(full.errors["rot90"]["one_minus_cos"][3], rel=1e-6)
