@@ -211,6 +211,7 @@ class SER(nn.Module):
             pair: the :class:`ViewPair` the captured passes ran on. g: its relative elements instead (no pairing check).
             keys: optional teacher maps ``(k1, k2)`` of the same views as no-grad keys.
         """
+        blocks = len(set(self._live().record_blocks))
         records, inputs = self._live().take()
         if pair is None and g is None:
             raise SERError("ser.loss() needs the ViewPair (or g=relative elements) of the captured views.")
@@ -218,11 +219,20 @@ class SER(nn.Module):
             # no b2 images on this rank and the passes skipped (some models cannot run an empty batch): the same
             # exact zero as from captured empty maps, joining the other ranks' collectives
             return self.objective(*(self._empty_map(x) for x in (pair.x1, pair.x2)), pair, keys=keys)
-        f1, f2, views = split_captures(records, inputs, pair, self.layer)
-        if pair is not None:
-            check_pair(pair, f1, f2, self.patch_size, self.layer)
-            if self.config.check_finite:
-                self.objective.pending_checks = pairing_checks(pair, views, self.layer)
+        try:
+            f1, f2, views = split_captures(records, inputs, pair, self.layer)
+            if pair is not None:
+                check_pair(pair, f1, f2, self.patch_size, self.layer)
+        except SERError as e:
+            if blocks < 2:
+                raise
+            raise SERError(
+                f"{e} The captures come from {blocks} capture blocks: a map an earlier step recorded and never passed to "
+                "ser.loss (a batch skipped after its capture) is held until a loss consumes it, and a new capture block "
+                "drops held maps only when they are two or more. Call ser.clear() when you skip a step after capturing."
+            ) from None
+        if pair is not None and self.config.check_finite:
+            self.objective.pending_checks = pairing_checks(pair, views, self.layer)
         return self.objective(f1, f2, pair if pair is not None else g, keys=keys)
 
     def _empty_map(self, x: Tensor) -> Tensor:

@@ -7,7 +7,6 @@ The 2-process half of class 1 is in tests/test_distributed.py (``test_rank_witho
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
@@ -215,7 +214,7 @@ def test_step_skipped_after_complete_captures_does_not_break_the_next_step():
     fresh.remove()
     ser = attach_ser(model, LAYER, photometric=None)
     stale = make_pair(make_images(4, seed=5), seed=6)
-    for skipped in range(2):  # two skipped steps in a row
+    for _ in range(2):  # two skipped steps in a row
         with ser.capture():
             model(stale.x1), model(stale.x2)
     assert len(ser.captures) == 2, "a new block drops the earlier block's complete pair, keeps its own"
