@@ -236,10 +236,12 @@ class SER(nn.Module):
         return self.objective(f1, f2, pair if pair is not None else g, keys=keys)
 
     def _empty_map(self, x: Tensor) -> Tensor:
-        """The ``(0, C, h, w)`` layer-L map of an empty view batch ``x``."""
+        """The ``(0, C, h, w)`` layer-L map of an empty view batch ``x``; it requires grad, so the loss has a backward
+        (under DDP it takes part in the other ranks' reduce-scatter, whatever the head)."""
         ph, pw = self.patch_size if self.patch_size is not None else (x.shape[-2], x.shape[-1])
         dtype = x.dtype if x.is_floating_point() else torch.float32
-        return x.new_zeros((0, self.vit.width or 1, max(1, x.shape[-2] // ph), max(1, x.shape[-1] // pw)), dtype=dtype)
+        shape = (0, self.vit.width or 1, max(1, x.shape[-2] // ph), max(1, x.shape[-1] // pw))
+        return x.new_zeros(shape, dtype=dtype).requires_grad_(True)
 
     def forward_loss(self, pair: ViewPair, keys: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
         """Runs the encoder on both views (stopping after block L) and returns ``λ·L_equiv``."""

@@ -4,7 +4,8 @@ torchrun; writes rank<r>.pt to --out). Issue 17, class 1.
 Scenarios ``b2_<n0>_<n1>``: rank r has ``n_r`` b2 images (0 allowed) made into views by ``ser.views`` (built-in
 photometrics, a seeded generator per rank) and 2 host images; the host loss and ``ser.loss`` are summed and
 back-propagated through DDP. ``skip_passes``: like ``b2_3_0`` but the empty rank skips its forward passes and calls
-``ser.loss`` on the empty pair with nothing captured.
+``ser.loss`` on the empty pair with nothing captured; ``skip_passes_no_head``: the same on rank 0 of (0, 3) without
+a token head (the empty rank must still take part in the backward reduce-scatter).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dist_helpers.common import LAYER, make_images, make_vit, run_scenarios  # noqa: E402
 from ser_plugin import ViewPair, attach_ser  # noqa: E402
 
-COUNTS = {"b2_3_0": (3, 0), "b2_0_3": (0, 3), "b2_1_1": (1, 1), "skip_passes": (3, 0)}
+COUNTS = {"b2_3_0": (3, 0), "b2_0_3": (0, 3), "b2_1_1": (1, 1), "skip_passes": (3, 0), "skip_passes_no_head": (0, 3)}
+HEAD = {name: name != "skip_passes_no_head" for name in COUNTS}
 HOST_PER_RANK = 2
 
 
@@ -44,13 +46,13 @@ def step(name: str, r: int, world: int) -> dict:
     counts = COUNTS[name]
     vit = make_vit(0)
     torch.manual_seed(1)
-    ser = attach_ser(vit, LAYER, head=True, head_dims=(16, 16))
+    ser = attach_ser(vit, LAYER, head=HEAD[name], head_dims=(16, 16))
     holder = nn.Module()
     holder.vit, holder.ser = vit, ser
     holder.forward = vit.forward
     model = nn.parallel.DistributedDataParallel(holder)
     pair = rank_views(ser, counts, r)
-    if not (name == "skip_passes" and counts[r] == 0):
+    if not (name.startswith("skip_passes") and counts[r] == 0):
         with ser.capture():
             model(pair.x1), model(pair.x2)
     host = model(host_images(r)).pow(2).mean()
