@@ -439,3 +439,11 @@ def test_rank_without_b2_images_through_the_handle_equals_one_process(edges, nam
     _assert_same_grads(r0["grads"], grads, f"{name}, rank 0")
     _assert_same_grads(r1["grads"], grads, f"{name}, rank 1")
     assert any(k.startswith("ser.head.") and v.abs().sum() > 0 for k, v in grads.items()) == edges_step.HEAD[name]
+
+
+def test_one_b2_image_over_all_ranks_is_refused_on_every_rank(edges):
+    """b2 sizes (1, 0): one image has no negatives anywhere; every rank raises the same SERError after the size
+    exchange (none waits in a collective), as one process refuses one image."""
+    for r in (0, 1):
+        err = edges[r]["b2_1_0"].get("error", "")
+        assert err.startswith("SERError") and "1 image over all 2 ranks" in err and "[1, 0]" in err, (r, err)

@@ -5,7 +5,8 @@ Scenarios ``b2_<n0>_<n1>``: rank r has ``n_r`` b2 images (0 allowed) made into v
 photometrics, a seeded generator per rank) and 2 host images; the host loss and ``ser.loss`` are summed and
 back-propagated through DDP. ``skip_passes``: like ``b2_3_0`` but the empty rank skips its forward passes and calls
 ``ser.loss`` on the empty pair with nothing captured; ``skip_passes_no_head``: the same on rank 0 of (0, 3) without
-a token head (the empty rank must still take part in the backward reduce-scatter).
+a token head (the empty rank must still take part in the backward reduce-scatter). ``b2_1_0``: one image over all
+ranks, refused on every rank (no hang).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ser_plugin import ViewPair, attach_ser  # noqa: E402
 
 COUNTS = {"b2_3_0": (3, 0), "b2_0_3": (0, 3), "b2_1_1": (1, 1), "skip_passes": (3, 0), "skip_passes_no_head": (0, 3)}
 HEAD = {name: name != "skip_passes_no_head" for name in COUNTS}
+REFUSED = {"b2_1_0": (1, 0)}
 HOST_PER_RANK = 2
 
 
@@ -43,10 +45,10 @@ def host_images(r: int) -> torch.Tensor:
 
 
 def step(name: str, r: int, world: int) -> dict:
-    counts = COUNTS[name]
+    counts = COUNTS.get(name) or REFUSED[name]
     vit = make_vit(0)
     torch.manual_seed(1)
-    ser = attach_ser(vit, LAYER, head=HEAD[name], head_dims=(16, 16))
+    ser = attach_ser(vit, LAYER, head=HEAD.get(name, True), head_dims=(16, 16))
     holder = nn.Module()
     holder.vit, holder.ser = vit, ser
     holder.forward = vit.forward
@@ -68,7 +70,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=30))
-    run_scenarios([(name, functools.partial(step, name)) for name in COUNTS], args.out)
+    run_scenarios([(name, functools.partial(step, name)) for name in list(COUNTS) + list(REFUSED)], args.out)
 
 
 if __name__ == "__main__":
