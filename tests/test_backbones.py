@@ -281,7 +281,7 @@ def test_trains_from_the_one_line_attach(name):
             grads_above = [n for n, p in params.items() if p.grad is not None and n.startswith(names[-1])]
             assert not grads_above, grads_above
             before_step = _state(model)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         opt.step()
     assert losses[-1] < losses[0], losses
     # remove(): the hooks are gone, and a model that took no step equals its state before attach
