@@ -148,8 +148,8 @@ def test_welch_verdicts():
     assert welch([0.9], [0.8])["verdict"] == "within noise"  # one seed: no verdict
 
 
-RESULT_GLOBS = ("benchmarks/results/demo_results.json", "benchmarks/results/study_sens_results.json", "benchmarks/results/study_calibration.json",
-                "benchmarks/results/study_sens_runs/*.json", "examples/demo/ser_demo/severities.json")
+RESULT_GLOBS = ("examples/demo/results/demo_results.json", "study/results/sensitivity.json", "study/results/calibration.json",
+                "examples/demo/ser_demo/severities.json")
 
 
 def test_committed_results_record_a_commit_of_this_repository():

@@ -208,7 +208,7 @@ def main(argv=None) -> dict:
                f"(scale: image bilinear antialiased, tokens bilinear; at {base.img_size} px the patch-aligned factors are "
                f"{', '.join(f'{k}→{v:.3g}' for k, v in (untrained or {}).get('effective_scale', {}).items())}).", "", ptable, ""]
     md += ["Accuracies in % (linear probe / kNN on frozen [CLS] features; corrupted = the same probe on 10 ImageNet-C-style "
-           "corruptions at 3 severities calibrated per dataset, see benchmarks/results/study_calibration.md; D4-moved = the probe on "
+           "corruptions at 3 severities calibrated per dataset, see study/results/calibration.md; D4-moved = the probe on "
            "test images rotated/flipped by the 7 non-identity D4 elements); flip probability = share of consecutive frames whose "
            "prediction changes along rotation (±30°), scale (0.7–1.3) and translation (±25 %) sequences.", ""]
     for arm in arms:

@@ -20,7 +20,7 @@ from ser_plugin import equivariance_score
 
 
 # ImageNet-C in miniature: corruptions on images in [0, 1], each with a grid of candidate levels ordered from mild to
-# severe. The three severities actually used per dataset are picked from these grids by benchmarks/study_calibrate.py
+# severe. The three severities actually used per dataset are picked from these grids by study/calibrate.py
 # (so that a trained baseline keeps meaningful accuracy at every severity) and stored in severities.json beside this
 # file. Ops come from kornia where kornia has them (blur, motion blur, brightness, contrast, elastic, JPEG); the noise
 # draws follow kornia's RandomGaussianNoise / RandomSaltAndPepperNoise formulas with a fixed torch.Generator, so every

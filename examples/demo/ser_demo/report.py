@@ -40,7 +40,7 @@ ARM_LABELS = {
 def git_commit(root: Optional[Path] = None) -> Dict[str, Any]:
     """The commit that produces a result: ``{"commit": full sha, "dirty": [changed files that affect results]}``.
 
-    ``dirty`` lists uncommitted changes under ser_plugin/, examples/demo/ and benchmarks/study*.py (the code
+    ``dirty`` lists uncommitted changes under ser_plugin/, examples/demo/ and study/*.py (the code
     that produces the demo and study numbers); committed result files must have an empty list.
     """
     import subprocess
@@ -48,12 +48,12 @@ def git_commit(root: Optional[Path] = None) -> Dict[str, Any]:
     root = root or Path(__file__).resolve().parents[3]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=20).stdout.strip()
-        st = subprocess.run(["git", "status", "--porcelain", "--", "ser_plugin", "examples/demo", "benchmarks"], cwd=root,
+        st = subprocess.run(["git", "status", "--porcelain", "--", "ser_plugin", "examples/demo", "study"], cwd=root,
                             capture_output=True, text=True, timeout=20).stdout.splitlines()
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": []}
-    dirty = [ln[3:] for ln in st if ln[3:].startswith(("ser_plugin", "examples/demo")) or "benchmarks/study" in ln[3:]]
-    dirty = [d for d in dirty if not d.startswith("benchmarks/results")]
+    dirty = [ln[3:] for ln in st if ln[3:].startswith(("ser_plugin", "examples/demo", "study/"))
+             and not ln[3:].startswith(("examples/demo/results", "study/results", "study/README"))]
     return {"commit": sha or None, "dirty": dirty}
 
 

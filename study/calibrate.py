@@ -6,9 +6,9 @@ measured at every candidate level of every corruption (``CORRUPTION_GRID`` in ex
 For each corruption the three severities are the grid levels (in increasing severity) whose *retained accuracy*
 ``(acc - chance) / (clean - chance)`` is closest to 0.85, 0.65 and 0.45: every severity keeps the baseline well above
 chance, and the three are spread. Writes examples/demo/ser_demo/severities.json (read by the demo and the study) and
-benchmarks/results/study_calibration.{json,md}.
+study/results/calibration.{json,md}.
 
-    python benchmarks/study_calibrate.py                      # digits, textures, photos (about 1 min each on 1 core)
+    python study/calibrate.py                                 # digits, textures, photos (about 1 min each on 1 core)
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def main(argv=None) -> None:
     sev = table.get("severities", {})
     detail = {}
     md = ["# Corruption severities (calibrated on a baseline)", "",
-          f"Command: `python benchmarks/study_calibrate.py {' '.join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))}`", ""]
+          f"Command: `python study/calibrate.py {' '.join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))}`", ""]
     for name in [s for s in args.datasets.split(",") if s]:
         t0 = time.perf_counter()
         split = load_data(name, d.img_size)
@@ -93,13 +93,13 @@ def main(argv=None) -> None:
         md.append("")
         print(f"{split.name}: clean {clean:.3f}, {time.perf_counter() - t0:.0f} s", flush=True)
     out = {"severities": sev, "targets_retained": list(TARGETS), "calibration_seed": args.seed, "git": prov,
-           "command": "python benchmarks/study_calibrate.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+           "command": "python study/calibrate.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     SEVERITY_FILE.write_text(json.dumps(out, indent=1) + "\n")
-    res = ROOT / "benchmarks" / "results"
-    (res / "study_calibration.json").write_text(json.dumps({**out, "detail": detail}, indent=1) + "\n")
+    res = ROOT / "study" / "results"
+    (res / "calibration.json").write_text(json.dumps({**out, "detail": detail}, indent=1) + "\n")
     md.insert(3, f"Commit: `{prov['commit']}`{' (dirty: ' + ', '.join(prov['dirty']) + ')' if prov['dirty'] else ''}; targets of retained "
               f"accuracy (acc − chance)/(clean − chance): {TARGETS}; calibration seed {args.seed} (not used by any reported run).\n")
-    (res / "study_calibration.md").write_text("\n".join(md) + "\n")
+    (res / "calibration.md").write_text("\n".join(md) + "\n")
 
 
 if __name__ == "__main__":

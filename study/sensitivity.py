@@ -9,13 +9,13 @@ Host: MoCo-v3 (lightly heads/loss), the demo's tiny ViT (width 48, depth 4, patc
 no token head): λ ∈ {0.1, 0.3, 3}, L ∈ {1, 4}, b2 share 10 %, token head on; then combinations (``--variants``);
 and the Barlow Twins null result re-checked with a λ sweep (1, 5, 25) on digits.
 
-Every run (dataset, variant, seed) is cached as JSON under ``benchmarks/results/study_sens_runs/`` with its config,
+Every run (dataset, variant, seed) is cached as JSON under ``study/runs/`` (not in git) with its config,
 metrics, timings and the git commit that produced it; re-running skips finished runs; several processes started with
 the same command share the work (each claims a run with a ``.running`` file). ``--report`` rebuilds
-``study_sens_results.{md,json}`` and ``study_sens_<dataset>.png`` from the cache.
+``study/results/sensitivity.{md,json}`` and ``sensitivity_<dataset>.png`` from the cache.
 
-    nohup nice -n 10 python benchmarks/study_sensitivity.py --plan main & ...   # one process per core
-    python benchmarks/study_sensitivity.py --report
+    nohup python study/sensitivity.py --plan main & ...   # one process per core
+    python study/sensitivity.py --report
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from ser_demo.report import git_commit, mean_std, welch  # noqa: E402
 from ser_demo.run import run_one  # noqa: E402
 from ser_demo.train import Config  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
-RUNS = RESULTS / "study_sens_runs"
+RESULTS = ROOT / "study" / "results"
+RUNS = ROOT / "study" / "runs"
 STEPS = 80
 
 # variant -> Config overrides (objective MoCo-v3 unless given)
@@ -111,7 +111,7 @@ def jobs_for(plan: str, seeds: List[int], datasets: Optional[List[str]], variant
     return out
 
 
-def import_demo(path: Path = RESULTS / "demo_results.json") -> List[str]:
+def import_demo(path: Path = ROOT / "examples" / "demo" / "results" / "demo_results.json") -> List[str]:
     """The demo's runs are the study's digits ``baseline`` / ``default`` runs when their configuration is the
     study's (same steps, model, λ, layer, b2 share): they are written to the run cache with the demo's commit and
     ``"source": "demo_results.json"`` instead of being trained twice. Returns the names written."""
@@ -148,7 +148,7 @@ def run_jobs(jobs: List[tuple]) -> None:
     prov = git_commit(ROOT)
     splits: Dict[str, Any] = {}
     for d, v, seed in jobs:
-        if (RUNS / "STOP").exists():  # touch study_sens_runs/STOP to end the workers after their current run
+        if (RUNS / "STOP").exists():  # touch study/runs/STOP to end the workers after their current run
             break
         path = RUNS / (run_name(d, v, seed) + ".json")
         claim = path.with_suffix(".running")
@@ -274,8 +274,8 @@ def report(commands: List[str]) -> Dict[str, Any]:
         md.append(f"| {v} | " + " | ".join(ok[v].get(d, "not run") for d in summ) + " |")
     md.append("")
     summary = {"recommendation_criterion": ok, "datasets": summ, "runs": len(runs), "summed_run_s": total, "commits": commits, "commands": commands}
-    (RESULTS / "study_sens_results.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
-    (RESULTS / "study_sens_results.md").write_text("\n".join(md) + "\n")
+    (RESULTS / "sensitivity.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
+    (RESULTS / "sensitivity.md").write_text("\n".join(md) + "\n")
     return summary
 
 
@@ -322,7 +322,7 @@ def plot(dataset: str, rows: Dict[str, Any]) -> None:
         ax.set_ylim(lo - 0.15 * (hi - lo + 1e-3), hi + 0.15 * (hi - lo + 1e-3))
     fig.suptitle(f"{dataset}: variants (mean ± std over seeds)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(RESULTS / f"study_sens_{dataset}.png", dpi=100)
+    fig.savefig(RESULTS / f"sensitivity_{dataset}.png", dpi=100)
 
 
 def main(argv=None) -> None:
@@ -335,7 +335,7 @@ def main(argv=None) -> None:
     p.add_argument("--report", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    log = RESULTS / "study_sens_commands.txt"
+    log = RESULTS / "commands.txt"
     if not args.report:
         vs = [v for v in args.variants.split(",") if v]
         bad = [v for v in vs if v not in VARIANTS]
@@ -344,12 +344,12 @@ def main(argv=None) -> None:
         jobs = jobs_for(args.plan, [int(s) for s in args.seeds.split(",") if s], [d for d in args.datasets.split(",") if d] or None, vs or None)
         t0 = time.perf_counter()
         run_jobs(jobs)
-        cmd = "python benchmarks/study_sensitivity.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        cmd = "python study/sensitivity.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
         with log.open("a") as f:
             f.write(f"{cmd}  # finished {time.strftime('%H:%M UTC', time.gmtime())}, {(time.perf_counter() - t0) / 60:.1f} min\n")
     commands = log.read_text().splitlines() if log.exists() else []
     report(commands)
-    print((RESULTS / "study_sens_results.md").read_text())
+    print((RESULTS / "sensitivity.md").read_text())
 
 
 if __name__ == "__main__":
