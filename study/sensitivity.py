@@ -47,7 +47,13 @@ STEPS = 80
 # variant -> Config overrides (objective MoCo-v3 unless given)
 VARIANTS: Dict[str, Dict[str, Any]] = {
     "baseline": dict(arm="baseline"),
+    "views": dict(arm="views"),  # b2 gets SER's T_eq views (same share as the default), lambda = 0: the views' own effect
     "default": dict(arm="ser"),
+    # the paper's b2 size: b2 = 1 % of a 2,048 batch there; at batch 128, 3 images (2.3 %), the fewest that keep one
+    # negative image per positive in the token loss with room for a bad draw
+    "b2_paper": dict(arm="ser", b2_share=0.02),
+    # NOT the paper: b2's T_eq views feed L_equiv only, not the host's invariance loss (no L_inv2 on D4-moved views)
+    "no_Linv2": dict(arm="ser", b2_in_ssl=False),
     "lam0.1": dict(arm="ser", lam=0.1),
     "lam0.3": dict(arm="ser", lam=0.3),
     "lam3": dict(arm="ser", lam=3.0),
@@ -75,6 +81,10 @@ ONE_FACTOR = ["default", "lam0.1", "lam0.3", "lam3", "L1", "L4", "b2_10", "head"
 PLANS: Dict[str, List[tuple]] = {
     # (datasets, variants) blocks in priority order (the CPU budget may end the plan early; the report says what ran).
     # digits baseline/default are the demo's own runs (same config), imported from demo_results.json (import_demo).
+    # the current study: the parts of SER (views, loss, L_inv2), the paper's b2 size and the two best previous
+    # configurations, every run with the spatial probe. Digits' baseline / views / default come from the demo.
+    "parts": [(("textures", "photos"), ["baseline", "views", "default", "b2_paper", "no_Linv2", "L4_b2_10", "L1"]),
+              (("digits",), ["b2_paper", "no_Linv2", "L4_b2_10", "L1", "baseline", "views", "default"])],
     "main": [(("textures", "photos"), ["baseline", "default"]), (("digits",), ["lam0.3", "head", "lam3"]),
              (("digits",), ["barlow_baseline", "barlow_lam1", "barlow_lam25"]), (("textures", "photos"), ["lam0.3", "head"]),
              (DATASETS, ["lam0.1", "L1", "L4", "b2_10"]), (("textures", "photos"), ["lam3"]), (("digits",), ["barlow_lam5"])],
@@ -82,10 +92,12 @@ PLANS: Dict[str, List[tuple]] = {
 # claims of the paper: (metric key, higher is better, label)
 CLAIMS = [("eq_centred_at_L", True, "equivariance up"), ("linear_top1", True, "accuracy up or equal"),
           ("mCA", True, "robustness up: corrupted top-1"), ("mFR", False, "robustness up: flip probability"),
-          ("mD4", True, "robustness up: D4-moved top-1")]
+          ("mD4", True, "robustness up: D4-moved top-1"), ("spatial_mask_IoU", True, "spatial: mask IoU"),
+          ("spatial_roi_top1", True, "spatial: RoI top-1")]
 COLS = [("linear_top1", "linear top-1", 100, 1), ("knn_top1", "kNN top-1", 100, 1), ("eq_centred_at_L", "equiv. centred @L", 1, 3),
         ("rot_equiv_L", "rotation equiv. @L (protocol)", 1, 3), ("cls_inv_d4", "[CLS] 1−cos under D4", 1, 3),
-        ("mCA", "corrupted top-1", 100, 1), ("mFR", "flip prob.", 1, 3), ("mD4", "D4-moved top-1", 100, 1)]
+        ("mCA", "corrupted top-1", 100, 1), ("mFR", "flip prob.", 1, 3), ("mD4", "D4-moved top-1", 100, 1),
+        ("spatial_mask_IoU", "spatial mask IoU", 1, 3), ("spatial_roi_top1", "spatial RoI top-1", 100, 1)]
 
 
 def run_name(dataset: str, variant: str, seed: int) -> str:
@@ -121,7 +133,7 @@ def import_demo(path: Path = ROOT / "examples" / "demo" / "results" / "demo_resu
     if demo.get("smoke") or demo.get("data") != "digits24":
         return []
     written = []
-    for arm, variant in (("baseline", "baseline"), ("ser", "default")):
+    for arm, variant in (("baseline", "baseline"), ("views", "views"), ("ser", "default")):
         for seed, rec in (demo.get("arms", {}).get(arm) or {}).items():
             cfg = rec["config"]
             want = json.loads(json.dumps(config_for_dims(variant, int(seed), cfg["mean"], cfg["std"]).resolved().to_dict()))
@@ -165,7 +177,7 @@ def run_jobs(jobs: List[tuple]) -> None:
                 splits[d] = load_data(d, Config().img_size)
             split = splits[d]
             cfg = config_for(split, v, seed)
-            rec = run_one(cfg, split, robust=True, spatial=False, score_layers=list(range(1, cfg.depth + 1)))
+            rec = run_one(cfg, split, robust=True, spatial=True, score_layers=list(range(1, cfg.depth + 1)))
             rec.update(dataset=split.name, variant=v, git=prov, finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
             path.write_text(json.dumps(rec, indent=1) + "\n")
             m = rec["metrics"]
@@ -184,6 +196,8 @@ def scalar(rec: Dict[str, Any], key: str, layer: Optional[int] = None) -> float:
     m = rec["metrics"]
     if key == "eq_centred_at_L":  # the centred score at the layer where the variant puts SER (default L for the baseline)
         return float(m["equivariance"][str(layer or rec["config"]["layer"])]["centred"])
+    if key.startswith("spatial_"):
+        return float((m.get("spatial") or {}).get(key[len("spatial_"):], float("nan")))
     return float(m.get(key, float("nan")))
 
 
