@@ -164,6 +164,8 @@ def run_jobs(jobs: List[tuple]) -> None:
             break
         path = RUNS / (run_name(d, v, seed) + ".json")
         claim = path.with_suffix(".running")
+        if d == "digits" and v in ("baseline", "views", "default"):
+            import_demo()  # the demo's runs, when it has finished them with this configuration
         if path.exists():
             continue
         try:  # atomic claim: several worker processes share one job list
@@ -201,6 +203,25 @@ def scalar(rec: Dict[str, Any], key: str, layer: Optional[int] = None) -> float:
     return float(m.get(key, float("nan")))
 
 
+def claims(rs: List[Dict[str, Any]], ref: List[Dict[str, Any]], layer: int) -> Dict[str, Any]:
+    """Each claim of the paper for runs ``rs`` against runs ``ref`` (Welch): Δ, p, and confirmed / refuted / within
+    noise; metrics a run did not measure (NaN) are left out, and a claim with no values on a side is not tested."""
+    out = {}
+    for key, up, label in CLAIMS:
+        a = [x for x in (scalar(r, key, layer) for r in rs) if np.isfinite(x)]
+        # the reference measured at the same layer (runs that scored that layer)
+        b = [x for x in (scalar(r, key, layer) for r in ref if key != "eq_centred_at_L" or str(layer) in r["metrics"]["equivariance"])
+             if np.isfinite(x)]
+        if not a or not b:
+            continue
+        t = welch(a, b)
+        good = (t["verdict"] == "higher") == up if t["verdict"] != "within noise" else None
+        t["claim"] = "within noise" if good is None else ("confirmed" if good else "refuted")
+        t["n"] = [len(a), len(b)]
+        out[label] = t
+    return out
+
+
 def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
     by: Dict[tuple, List[Dict[str, Any]]] = {}
     for r in runs:
@@ -215,14 +236,10 @@ def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
         for key, _, _, _ in COLS:
             row["metrics"][key] = mean_std([scalar(r, key) for r in rs])
         if base and v != base_name:
-            for key, up, label in CLAIMS:
-                a = [scalar(r, key, layer) for r in rs]
-                # the baseline measured at the same layer (runs that scored that layer)
-                b = [scalar(r, key, layer) for r in base if key != "eq_centred_at_L" or str(layer) in r["metrics"]["equivariance"]]
-                t = welch(a, b)
-                good = (t["verdict"] == "higher") == up if t["verdict"] != "within noise" else None
-                t["claim"] = "within noise" if good is None else ("confirmed" if good else "refuted")
-                row["claims"][label] = t
+            row["claims"] = claims(rs, base, layer)
+        views = by.get((d, "views"), [])
+        if views and VARIANTS.get(v, {}).get("arm", "").startswith("ser") and VARIANTS[v].get("objective", "mocov3") == "mocov3":
+            row["claims_vs_views"] = claims(rs, views, layer)  # the loss's own effect beyond its views
         out.setdefault(d, {})[v] = row
     return out
 
@@ -249,25 +266,17 @@ def report(commands: List[str]) -> Dict[str, Any]:
           "same objective, p < 0.05 = confirmed/refuted, otherwise *within noise*. 'equiv. centred @L' is "
           "ser_plugin.equivariance_score (centred cosine, D4) at the variant's SER layer, compared with the baseline's score at "
           "that same layer.", "",
-          f"Runs: {len(runs)}; summed train+eval time {total / 60:.1f} min (1 torch thread per process, 2–5 processes under nice 10 "
-          f"on a 2-core machine shared with other jobs, load average 2–11); commits: {', '.join(c[:10] for c in commits)}.", "", "Commands:", ""]
+          f"Runs: {len(runs)}; summed train+eval time {total / 60:.1f} min (CPU only, 1 torch thread per process, several processes "
+          f"on a 2-core machine shared with other jobs); commits: {', '.join(c[:10] for c in commits)}. Spatial probe: "
+          "'not measured' for runs made before it was part of every run.", "", "Commands:", ""]
     md += [f"    {c}" for c in commands] + [""]
     for d, rows in summ.items():
         md += [f"## {d}", "", "| variant | seeds | " + " | ".join(lab for _, lab, _, _ in COLS) + " |", "|---|---|" + "---|" * len(COLS)]
         for v, row in rows.items():
             md.append(f"| {v} | {len(row['seeds'])} | " + " | ".join(fmt(row["metrics"][k], sc, dg, len(row["seeds"])) for k, _, sc, dg in COLS) + " |")
-        md += ["", f"Claims per variant vs its baseline ({d}): Δ (p, verdict)", "",
-               "| variant | seeds | " + " | ".join(lab for _, _, lab in CLAIMS) + " |", "|---|---|" + "---|" * len(CLAIMS)]
-        for v, row in rows.items():
-            if not row["claims"]:
-                continue
-            cells = []
-            for key, _, lab in CLAIMS:
-                t = row["claims"][lab]
-                sc = 100 if key in ("linear_top1", "mCA", "mD4") else 1
-                cells.append(f"{t['diff'] * sc:+.{1 if sc == 100 else 3}f} (p={t['p']:.2g}, **{t['claim']}**)")
-            md.append(f"| {v} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
-        md.append("")
+        md += claims_table(rows, "claims", f"Claims per variant vs its baseline ({d}): Δ (p, verdict)")
+        md += claims_table(rows, "claims_vs_views", f"SER variants vs the views-only arm ({d}; same b2 views at 25 %, λ = 0): what the "
+                           "loss adds beyond its views. Δ (p, verdict)")
         md += per_corruption(d, [r for r in runs if r["dataset"] == d])
         plot(d, rows)
     # the recommendation criterion: equivariance confirmed and no accuracy/robustness claim refuted, per dataset
@@ -282,7 +291,7 @@ def report(commands: List[str]) -> Dict[str, Any]:
                 verdict = ("**yes**" if eq == "confirmed" and not bad else "no") + f" (equiv. {eq}" + (f"; refuted: {', '.join(bad)}" if bad else "") + ")"
                 ok.setdefault(v, {})[d] = verdict + ("" if len(rows[v]["seeds"]) >= 3 else f" [{len(rows[v]['seeds'])} seed(s)]")
     md += ["## Which configuration gives the paper's benefits?", "",
-           "Criterion: equivariance up *confirmed* (p < 0.05) and no accuracy or robustness claim *refuted*, per dataset.", "",
+           "Criterion: equivariance up *confirmed* (p < 0.05) and no accuracy, robustness or spatial claim *refuted*, per dataset.", "",
            "| variant | " + " | ".join(summ) + " |", "|---|" + "---|" * len(summ)]
     for v in variants:
         md.append(f"| {v} | " + " | ".join(ok[v].get(d, "not run") for d in summ) + " |")
@@ -291,6 +300,21 @@ def report(commands: List[str]) -> Dict[str, Any]:
     (RESULTS / "sensitivity.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
     (RESULTS / "sensitivity.md").write_text("\n".join(md) + "\n")
     return summary
+
+
+def claims_table(rows: Dict[str, Any], field: str, title: str) -> List[str]:
+    have = [(v, row) for v, row in rows.items() if row.get(field)]
+    if not have:
+        return []
+    md = ["", title, "", "| variant | seeds | " + " | ".join(lab for _, _, lab in CLAIMS) + " |", "|---|---|" + "---|" * len(CLAIMS)]
+    for v, row in have:
+        cells = []
+        for key, _, lab in CLAIMS:
+            t = row[field].get(lab)
+            sc = 100 if key in ("linear_top1", "mCA", "mD4", "spatial_roi_top1") else 1
+            cells.append("not measured" if t is None else f"{t['diff'] * sc:+.{1 if sc == 100 else 3}f} (p={t['p']:.2g}, **{t['claim']}**)")
+        md.append(f"| {v} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
+    return md + [""]
 
 
 def per_corruption(dataset: str, runs: List[Dict[str, Any]]) -> List[str]:

@@ -21,11 +21,11 @@ COLUMNS: List[Tuple[str, str, bool]] = [
     ("mCA", "corrupted top-1 (mean)", True),
     ("mFR", "flip probability (mean)", False),
     ("mD4", "D4-moved top-1", True),
-    ("spatial_mIoU", "spatial mIoU", True),
-    ("spatial_centre_err_px", "spatial centre err (px)", False),
+    ("spatial_mask_IoU", "spatial mask IoU", True),
+    ("spatial_roi_top1", "spatial RoI top-1", True),
 ]
 
-PCT = ("linear_top1", "knn_top1", "mCA", "mD4", "spatial_mIoU")
+PCT = ("linear_top1", "knn_top1", "mCA", "mD4", "spatial_roi_top1")
 
 ARM_LABELS = {
     "baseline": "baseline (stock ViT, host views only)",
