@@ -289,6 +289,7 @@ def report(commands: List[str]) -> Dict[str, Any]:
                 eq = c["equivariance up"]["claim"]
                 bad = [lab for lab, t in c.items() if lab != "equivariance up" and t["claim"] == "refuted"]
                 verdict = ("**yes**" if eq == "confirmed" and not bad else "no") + f" (equiv. {eq}" + (f"; refuted: {', '.join(bad)}" if bad else "") + ")"
+                verdict += "" if "spatial: mask IoU" in c else " [spatial probe not run]"
                 ok.setdefault(v, {})[d] = verdict + ("" if len(rows[v]["seeds"]) >= 3 else f" [{len(rows[v]['seeds'])} seed(s)]")
     md += ["## Which configuration gives the paper's benefits?", "",
            "Criterion: equivariance up *confirmed* (p < 0.05) and no accuracy, robustness or spatial claim *refuted*, per dataset.", "",
@@ -344,9 +345,10 @@ def plot(dataset: str, rows: Dict[str, Any]) -> None:
 
     names = sorted(rows, key=lambda n: (("baseline" not in n), list(VARIANTS).index(n) if n in VARIANTS else 99))
     palette = [f"C{i}" for i in range(10) if i != 7]  # C7 is grey, kept for the baselines
-    fig = Figure(figsize=(16, 3.8))
-    for j, (key, lab, sc, _) in enumerate([COLS[0], COLS[2], COLS[5], COLS[6]]):
-        ax = fig.add_subplot(1, 4, j + 1)
+    panels = [c for c in COLS if c[0] in ("linear_top1", "eq_centred_at_L", "mCA", "mFR", "spatial_mask_IoU", "spatial_roi_top1")]
+    fig = Figure(figsize=(4 * len(panels), 3.8))
+    for j, (key, lab, sc, _) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), j + 1)
         ms = [rows[n]["metrics"][key] for n in names]
         ax.bar(range(len(names)), [m * sc for m, _ in ms], yerr=[s * sc for _, s in ms], capsize=3,
                color=["0.5" if "baseline" in n else palette[i % len(palette)] for i, n in enumerate(names)])
@@ -355,10 +357,12 @@ def plot(dataset: str, rows: Dict[str, Any]) -> None:
             ax.axhline(base[0], color="0.5", ls="--", lw=1)
         ax.set_xticks(range(len(names)), names, rotation=45, fontsize=7, ha="right")
         ax.set_title(lab, fontsize=9)
-        lo = min(m - s for m, s in ms) * sc
-        hi = max(m + s for m, s in ms) * sc
-        ax.set_ylim(lo - 0.15 * (hi - lo + 1e-3), hi + 0.15 * (hi - lo + 1e-3))
-    fig.suptitle(f"{dataset}: variants (mean ± std over seeds)", fontsize=10)
+        fin = [(m, s) for m, s in ms if np.isfinite(m)]
+        if fin:
+            lo = min(m - s for m, s in fin) * sc
+            hi = max(m + s for m, s in fin) * sc
+            ax.set_ylim(lo - 0.15 * (hi - lo + 1e-3), hi + 0.15 * (hi - lo + 1e-3))
+    fig.suptitle(f"{dataset}: variants (mean ± std over seeds; spatial panels: runs with the probe only)", fontsize=10)
     fig.tight_layout()
     fig.savefig(RESULTS / f"sensitivity_{dataset}.png", dpi=100)
 

@@ -52,6 +52,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=int, default=3, choices=(1, 3))
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--b2-share", type=float, default=d.b2_share, help="share of each batch that gets SER's T_eq views")
+    p.add_argument("--no-linv2", action="store_true", help="b2's T_eq views feed SER's loss only, not the SSL loss (not the paper)")
     p.add_argument("--layer", type=int, default=d.layer, help="SER layer L (1..depth)")
     p.add_argument("--lam", type=float, default=None, help="λ (default: 1.0 MoCo-v3 / 0.3 DINO / 1.0 Barlow Twins)")
     p.add_argument("--tau", type=float, default=None, help="τ of the token InfoNCE (default 0.4; 0.5 DINO)")
@@ -131,7 +132,7 @@ def main(argv=None) -> dict:
     c = split.x_train.shape[1]
     base = Config(
         objective=args.objective, epochs=args.epochs, steps=(args.steps or None), width=args.width, depth=args.depth, heads=args.heads,
-        patch=args.patch, img_size=args.img_size, batch=64 if args.smoke else args.batch, b2_share=args.b2_share, layer=args.layer,
+        patch=args.patch, img_size=args.img_size, batch=64 if args.smoke else args.batch, b2_share=args.b2_share, b2_in_ssl=not args.no_linv2, layer=args.layer,
         lam=args.lam, tau=args.tau, lr=args.lr, device=args.device, max_steps=3 if args.smoke else None, mean=split.mean, std=split.std,
     )
     print(f"data: {split.name}  train {tuple(split.x_train.shape)}  test {tuple(split.x_test.shape)}  classes {split.classes}")
