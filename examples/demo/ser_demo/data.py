@@ -185,28 +185,6 @@ def load_data(path: Optional[str], size: int = 32, channels: int = 3) -> Split:
     return load_image_folder(path, size, channels)
 
 
-def place_on_canvas(x: Tensor, canvas: int, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
-    """Pastes each image (N, C, S, S) at a random integer position on a black ``canvas`` x ``canvas`` image.
-
-    Returns the canvases and the boxes ``(x0, y0, x1, y1)`` in pixels: the box around the digit's strokes
-    (pixels with mean intensity > 0.2), not the pasted square.
-    """
-    n, c, s, _ = x.shape
-    out = torch.zeros(n, c, canvas, canvas)
-    pos = torch.randint(0, canvas - s + 1, (n, 2), generator=generator)
-    for i in range(n):
-        r, q = int(pos[i, 0]), int(pos[i, 1])
-        out[i, :, r : r + s, q : q + s] = x[i]
-    boxes = torch.zeros(n, 4)
-    ink = x.mean(1) > 0.2  # (N, S, S): the digit's strokes
-    for i in range(n):
-        rows, cols = ink[i].any(1).nonzero(), ink[i].any(0).nonzero()
-        r0, r1 = (int(rows.min()), int(rows.max()) + 1) if len(rows) else (0, s)
-        c0, c1 = (int(cols.min()), int(cols.max()) + 1) if len(cols) else (0, s)
-        boxes[i] = torch.tensor([pos[i, 1] + c0, pos[i, 0] + r0, pos[i, 1] + c1, pos[i, 0] + r1])
-    return out, boxes
-
-
 def compose_scene(x: Tensor, y: Tensor, canvas: int, generator: torch.Generator, per_canvas: int = 2,
                   ink: Optional[float] = 0.2, clutter: float = 0.0) -> Tuple[Tensor, Tensor, Tensor]:
     """Scenes for the dense probe: ``per_canvas`` images of *different* classes pasted at random, non-overlapping
