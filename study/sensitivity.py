@@ -369,7 +369,7 @@ def plot(dataset: str, rows: Dict[str, Any]) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--plan", default="main", choices=list(PLANS))
+    p.add_argument("--plan", default="parts", choices=list(PLANS), help="parts: the current study; main: the one-factor sweep")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--datasets", default="")
     p.add_argument("--variants", default="", help="run these variants instead of the plan")
