@@ -48,7 +48,7 @@ bench: setup
 	$(PY) benchmarks/run_all.py $(ARGS)
 
 study: setup
-	$(PY) benchmarks/study.py $(ARGS)
+	$(PY) study/sensitivity.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis demo_out
