@@ -320,11 +320,10 @@ def describe_backbone(model: nn.Module, blocks: BlocksArg = None, patch_size: Op
             raise
         cands = _conv_candidates(model)
         raise SERError(
-            f"no transformer blocks found in {type(model).__name__}, and it is not a backbone family SER recognises (timm models with forward_intermediates "
-            "and feature_info such as ResNet / ConvNeXt / Swin; torchvision ResNet / ConvNeXt / SwinTransformer; or the same inside "
-            "a .backbone / .vit / .base_encoder attribute). Pass the modules whose outputs are the layers, in order: "
-            "attach_ser(model, L, blocks='path.to.stages') or blocks=[stage1, stage2, ...]"
-            + (f"; containers with convolutions here: {', '.join(repr(c) for c in cands)}" if cands else "") + "."
+            f"{err} Nor is it a backbone family SER recognises (timm models with forward_intermediates and feature_info such as "
+            "ResNet / ConvNeXt / Swin; torchvision ResNet / ConvNeXt / SwinTransformer; or the same inside a .backbone / .vit / "
+            ".base_encoder attribute): for a CNN pass the modules whose outputs are the layers, in order, as blocks='path.to.stages' "
+            "or blocks=[stage1, stage2, ...]" + (f"; containers with convolutions here: {', '.join(repr(c) for c in cands)}" if cands else "") + "."
         ) from None
 
 
