@@ -39,8 +39,16 @@ from common import flop_counter, md_table, patch_rho_for_meta, save  # noqa: E40
 import ser_plugin.loss as loss_mod  # noqa: E402
 from ser_plugin import GroupElement, TokenInfoNCE, ViewPair, attach_ser  # noqa: E402
 
-
 # ---------------------------------------------------------------------------------------------- model
+#: --model: timm architecture, SER layer, that layer's stride and channels. The CNN / Swin layers are the ones
+#: whose map has the ViT-S/16 grid (14x14 at 224 px): ResNet-50 layer 4 (layer3 output, stride 16, 1024 ch) and
+#: Swin-T layer 3 (layers.2, stride 16, 384 ch), in the convention of ser_plugin.backbones.
+MODELS = {
+    "vit_small": ("vit_small_patch16_224", 3, 16, 384),
+    "resnet50": ("resnet50", 4, 16, 1024),
+    "swin_tiny": ("swin_tiny_patch4_window7_224", 3, 16, 384),
+}
+CNN_ARCHS = ("resnet50",)
 def mlp(dim_in: int, hidden: int, dim_out: int, layers: int) -> nn.Sequential:
     mods: List[nn.Module] = []
     d = dim_in
@@ -57,8 +65,9 @@ def mlp(dim_in: int, hidden: int, dim_out: int, layers: int) -> nn.Sequential:
 class MoCoV3Like(nn.Module):
     def __init__(self, img_size: int = 224, arch: str = "vit_small_patch16_224", hidden: int = 4096, **vit_kw) -> None:
         super().__init__()
-        self.base = timm.create_model(arch, num_classes=0, img_size=img_size, **vit_kw)
-        dim = self.base.embed_dim
+        size_kw = {} if arch in CNN_ARCHS else {"img_size": img_size}  # timm CNNs take any size
+        self.base = timm.create_model(arch, num_classes=0, **size_kw, **vit_kw)
+        dim = self.base.num_features  # the pooled output (= embed_dim for a ViT)
         self.projector = mlp(dim, hidden, 256, 3)
         self.predictor = mlp(256, hidden, 256, 2)
         self.m_base = copy.deepcopy(self.base)
@@ -126,7 +135,8 @@ def host_contrastive(q: torch.Tensor, k: torch.Tensor, world: int, temp: float =
 
 
 def count_step(img: int, batch: int, b2: float, world: int, max_negatives: Optional[int] = None,
-               head: bool = False, layer: int = 3, ser_on: bool = True, arch: str = "vit_small_patch16_224", hidden: int = 4096) -> Dict:
+               head: bool = False, layer: int = 3, ser_on: bool = True, arch: str = "vit_small_patch16_224", hidden: int = 4096,
+               stride: int = 16) -> Dict:
     """Total FLOPs (and the SER loss's share) of one training step on meta."""
     torch.manual_seed(0)
     with torch.device("meta"):
@@ -143,7 +153,7 @@ def count_step(img: int, batch: int, b2: float, world: int, max_negatives: Optio
         opt.add_param_group({"params": list(ser.parameters()) or [torch.empty(0, device="meta", requires_grad=True)]})
         g1, g2 = GroupElement.random(n), GroupElement.random(n)
         pair = ViewPair(x1[:n].clone(), x2[:n].clone(), g1, g2)  # the views' pixels: shapes are what counts
-    t = (img // 16) ** 2
+    t = (img // stride) ** 2
     fc = flop_counter()
     with fc, SimulatedRanks(world, n, t):
         loss = model.step_loss(x1, x2, world, ser if ser_on else None, pair if ser_on else None)
@@ -229,9 +239,13 @@ def main() -> None:
     p.add_argument("--world", type=int, default=8, help="simulated GPUs whose keys the losses see")
     p.add_argument("--budget", type=int, default=4096, help="max_negatives for the budget rows")
     p.add_argument("--quick", action="store_true", help="a tiny ViT at 64 px, 3 configurations, 256-wide heads (smoke test)")
+    p.add_argument("--model", default="vit_small", choices=list(MODELS), help="backbone (CNN / Swin: 224 px, b2 1 %% and 10 %%)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     patch_rho_for_meta()
+    if args.model != "vit_small":
+        other_model(args)
+        return
     check = cross_check()
     print(json.dumps({"cross_check": check}), flush=True)
     arch, sizes = ("vit_small_patch16_224", [224, 320, 448]) if not args.quick else ("vit_tiny_patch16_224", [64])
@@ -272,6 +286,30 @@ def main() -> None:
         + "\n"
     )
     save("flops", {"rows": rows, "cross_check": check, "args": vars(args)}, md, args.out)
+    print(md)
+
+
+def other_model(args: argparse.Namespace) -> None:
+    """ResNet-50 / Swin-T at 224 px: SER at the layer of MODELS, b2 = 1 % (the paper's share) and 10 %."""
+    arch, layer, stride, c = MODELS[args.model]
+    rows: List[Dict] = []
+    bases: Dict[int, Dict] = {}
+    for b2, world in ((0.01, args.world), (0.10, args.world), (0.01, 1), (0.10, 1)):
+        r = count_step(224, args.batch, b2, world, layer=layer, arch=arch, stride=stride)
+        if world not in bases:
+            bases[world] = count_step(224, args.batch, 0.0, world, ser_on=False, layer=layer, arch=arch, stride=stride)
+        row = {"model": args.model, "layer": layer, "tokens_per_image": r["tokens_per_image"], "channels": c, "b2": b2,
+               "b2_images": r["b2_images"], "keys_from_gpus": world, "flops_without": bases[world]["total"], "flops_with": r["total"],
+               "ratio": r["total"] / bases[world]["total"],
+               "loss_ratio_analytic": 1 + analytic_loss_flops(r["b2_images"], r["tokens_per_image"], c, world, None) / bases[world]["total"]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    cols = ["model", "layer", "tokens_per_image", "channels", "b2", "b2_images", "keys_from_gpus", "ratio", "loss_ratio_analytic"]
+    md = (f"## FLOPs of one MoCo-v3-style step with SER / without: {arch} (per GPU, batch {args.batch}, 224 px, layer {layer})\n\n"
+          f"`PYTHONPATH=$PWD python benchmarks/bench_flops.py --model {args.model}`. Counted as for the ViT table (meta device, "
+          "FlopCounterMode: matmuls, convolutions, attention; forward, backward, AdamW step). keys_from_gpus: both losses see "
+          "the keys of that many simulated ranks.\n\n" + md_table(rows, cols) + "\n")
+    save(f"flops_{args.model}", {"rows": rows, "args": vars(args)}, md, args.out)
     print(md)
 
 

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_flops import MoCoV3Like  # noqa: E402
+from bench_flops import MODELS, MoCoV3Like  # noqa: E402
 from common import (  # noqa: E402
     RSS_ENV,
     LiveTensorBytes,
@@ -51,7 +51,10 @@ VIT = dict(patch_size=4, embed_dim=192, depth=6, num_heads=3)
 def build(args: argparse.Namespace, b2: float, seed: int = 0):
     """Model, optimizer and a step closure for one configuration (b2 = 0: without SER)."""
     torch.manual_seed(seed)
-    model = MoCoV3Like(args.img, "vit_tiny_patch16_224", hidden=1024, **VIT)
+    if args.model == "vit":
+        model = MoCoV3Like(args.img, "vit_tiny_patch16_224", hidden=1024, **VIT)
+    else:  # a ResNet-50 / Swin-T (bench_flops.MODELS), SER at the layer given by --layer
+        model = MoCoV3Like(args.img, MODELS[args.model][0], hidden=1024)
     ser = attach_ser(model.base, layer=args.layer, photometric="mocov3", max_negatives=args.max_negatives) if b2 > 0 else None
     params = [p for p in model.parameters() if p.requires_grad] + (list(ser.parameters()) if ser is not None else [])
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1)
@@ -102,7 +105,7 @@ def child(args: argparse.Namespace) -> None:
 def rss_in_subprocess(b2: float, args: argparse.Namespace) -> int:
     env = {**os.environ, **RSS_ENV}
     cmd = [sys.executable, __file__, "--child-b2", str(b2), "--batch", str(args.batch), "--img", str(args.img),
-           "--layer", str(args.layer)] + (["--views-in-loader"] if args.views_in_loader else []) + (["--max-negatives", str(args.max_negatives)] if args.max_negatives else [])
+           "--layer", str(args.layer), "--model", args.model] + (["--views-in-loader"] if args.views_in_loader else []) + (["--max-negatives", str(args.max_negatives)] if args.max_negatives else [])
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return int(json.loads(out.stdout.strip().splitlines()[-1])["rss_peak_delta"])
 
@@ -119,6 +122,8 @@ def main() -> None:
     p.add_argument("--views-in-loader", action="store_true",
                    help="make SER's views outside the timed step, as the host's own views are (data-loader placement)")
     p.add_argument("--no-rss", action="store_true")
+    p.add_argument("--model", default="vit", choices=["vit", "resnet50", "swin_tiny"],
+                   help="the small ViT (default) or a ResNet-50 / Swin-T (use --layer 4 / 3 for the 14x14-at-224 layer)")
     p.add_argument("--out", default=None)
     p.add_argument("--tag", default="", help="suffix of the result file name (perf_<name><tag>.json)")
     p.add_argument("--child-b2", type=float, default=None, help=argparse.SUPPRESS)
@@ -162,14 +167,15 @@ def main() -> None:
     cols = ["config", "b2_images", "median_step_s", "time_ratio", "time_ratio_paired", "time_ratio_iqr", "cpu_time_ratio", "step_peak_MiB", "static_MiB",
             "step_peak_ratio", "total_peak_ratio", "rss_delta_MiB", "rss_ratio"]
     md = (
-        f"## Full CPU training step with SER / without (ViT dim 192, depth 6, {args.img} px, patch 4, batch {args.batch}, layer {args.layer})\n\n"
-        f"Configurations alternate round by round; {args.repeats} rounds; median; torch threads {args.threads}. time_ratio: ratio of "
+        (f"## Full CPU training step with SER / without (ViT dim 192, depth 6, {args.img} px, patch 4, batch {args.batch}, layer {args.layer})\n\n"
+         if args.model == "vit" else f"## Full CPU training step with SER / without ({MODELS[args.model][0]}, {args.img} px, batch {args.batch}, layer {args.layer})\n\n")
+        + f"Configurations alternate round by round; {args.repeats} rounds; median; torch threads {args.threads}. time_ratio: ratio of "
         "median wall-clock; time_ratio_paired: median of per-round ratios (its inter-quartile range next to it); cpu_time_ratio: "
         "the same with process CPU time. step_peak: tensors alive during one step "
         "(activations, gradients, temporaries); total = step_peak + static (parameters, momentum copy, AdamW state); "
         "rss: peak-RSS delta of one step in a fresh process.\n\n" + md_table(rows, cols) + "\n"
     )
-    save(("step" if args.max_negatives is None else f"step_budget{args.max_negatives}") + args.tag, {"rows": rows, "times": times, "cpu_times": cpu, "args": vars(args)}, md, args.out)
+    save(("step" if args.max_negatives is None else f"step_budget{args.max_negatives}") + ("" if args.model == "vit" else f"_{args.model}") + args.tag, {"rows": rows, "times": times, "cpu_times": cpu, "args": vars(args)}, md, args.out)
     print(md)
 
 

@@ -15,14 +15,15 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import Tensor, nn
 
-from .capture import InputInfo, check_pair, pairing_checks, split_captures, tokens_to_map
+from .backbones import block_map, describe_backbone, layer_meaning, refuse_for_maps
+from .capture import InputInfo, check_pair, pairing_checks, split_captures
 from .config import SERConfig, resolve_config
 from .errors import SERError
 from .late_cls import LateCLS, check_late_cls_layer, convert_late_cls
 from .objective import SERLoss, refuse_fixed_option
 from .tap import EarlyExit, LayerTap, live_taps, remove_tap_hooks
 from .views import EquivariantViews, ViewPair
-from .vit import ViTDescription, describe_vit
+from .vit import ViTDescription
 
 __all__ = ["SER", "attach_ser", "remove_ser"]
 
@@ -92,7 +93,8 @@ class SER(nn.Module):
         super().__init__()
         cfg = resolve_config(config, preset, options, layer=layer, require_layer=True)
         model = _target_model(model)
-        vit = describe_vit(model, blocks, patch_size, num_prefix_tokens, layer=cfg.layer)
+        vit = describe_backbone(model, blocks, patch_size, num_prefix_tokens, forward, layer=cfg.layer)  # a ViT, or a CNN / Swin (ser_plugin.backbones)
+        refuse_for_maps(cfg, vit, model)
         _refuse_impossible(cfg, vit, forward, model)
         self.config, self.vit, self._layer, self._forward = cfg, vit, vit.layer, forward
         index = vit.layer - 1
@@ -126,7 +128,7 @@ class SER(nn.Module):
     last_loss = property(lambda self: self.objective.last_loss, doc="Last unweighted L_equiv (detached).")
 
     def _to_map(self, tokens: Tensor, info: Optional[InputInfo], layer: int) -> Tensor:
-        return tokens_to_map(tokens, info.hw if info is not None else None, self.vit.patch_size, self._prefix, layer)[0]
+        return block_map(tokens, info.hw if info is not None else None, self.vit, self._prefix, layer)
 
     def _live(self) -> LayerTap:
         if not self.is_attached:
@@ -250,7 +252,7 @@ class SER(nn.Module):
         return state
 
     def extra_repr(self) -> str:
-        return (f"layer={self.layer}/{self.depth}, lam={self.lam}, tau={self.tau}, {self.vit!r}, late_cls={self.config.late_cls}, "
+        return (f"layer={self.layer}/{self.depth} ({layer_meaning(self.vit, self.layer)}), lam={self.lam}, tau={self.tau}, {self.vit!r}, late_cls={self.config.late_cls}, "
                 f"attached={self.is_attached}").replace(f"prefix_tokens={self.vit.num_prefix_tokens}", f"prefix_tokens={self._prefix}")
 
 

@@ -7,8 +7,9 @@ from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 from torch import Tensor, nn
 
+from .backbones import measured_layers
 from .protocol import measure_equivariance
-from .vit import find_blocks, resolve_layer
+from .vit import resolve_layer
 
 __all__ = ["equivariance_score"]
 
@@ -46,5 +47,5 @@ def equivariance_score(
     by_block = res.score()
     if layers is None:
         return by_block
-    depth = len(find_blocks(model, blocks))
+    depth = len(measured_layers(model, blocks, patch_size)[0])  # ViT blocks, or a CNN / Swin's layers (ser_plugin.backbones)
     return {L: by_block[resolve_layer(L, depth) + 1] for L in ([layers] if isinstance(layers, int) else list(layers))}

@@ -45,11 +45,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .capture import InputInfo, tokens_to_map
+from .backbones import map_of, measured_layers
+from .capture import InputInfo
 from .errors import SERError
 from .group import GroupElement, act_image, rho
 from .tap import LayerTap
-from .vit import declared_prefix_tokens, detect_patch_size, find_blocks, resolve_layer
+from .vit import declared_prefix_tokens, resolve_layer
 
 __all__ = ["ELEMENTS", "ProtocolResult", "measure_equivariance", "untrained_copy", "map_errors"]
 
@@ -241,9 +242,10 @@ def measure_equivariance(
     """Runs the protocol on ``model`` with images ``x``.
 
     Args:
-        model: the ViT (any model :func:`ser_plugin.capture.find_blocks` understands); run in eval mode under
+        model: the ViT (any model :func:`ser_plugin.capture.find_blocks` understands), or a CNN / Swin that
+            :mod:`ser_plugin.backbones` recognises (every layer of its convention, each at its own stride); run in eval mode under
             no_grad, restored afterwards.
-        x: ``(B, C, H, H)`` square, patch-aligned images, normalised as the model expects.
+        x: ``(B, C, H, H)`` square, patch-aligned images (for a CNN: a multiple of the coarsest stride), normalised as the model expects.
         scales: scale factors to measure besides D4 (``()`` for models that take one input size only).
         image_mode: resampler of the image under scale (antialiased when shrinking).
         token_mode: resampler of ρ on the token map under scale.
@@ -263,10 +265,8 @@ def measure_equivariance(
     if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[-1] != x.shape[-2]:
         raise SERError(f"measure_equivariance needs square images (B, C, H, H) so quarter turns keep the shape, got "
                        f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}.")
-    blist = find_blocks(model, blocks)
-    psz = (patch_size, patch_size) if patch_size is not None else detect_patch_size(model)
-    if psz is None:
-        raise SERError("the patch size could not be detected; pass patch_size=.")
+    blist, strides, fam = measured_layers(model, blocks, patch_size)  # ViT blocks, or a CNN / Swin's layers (ser_plugin.backbones)
+    psz = max(strides)  # the coarsest layer's stride: image sizes are multiples of it, so every layer's grid is whole
     if x.shape[-1] % psz[0]:
         raise SERError(f"images of {x.shape[-1]} px are not a multiple of the patch size {psz[0]}; crop or resize them first.")
     wanted = ("identity", "permutation", "untrained") if controls is True else (() if controls is False else tuple(controls))
@@ -286,10 +286,10 @@ def measure_equivariance(
 
         def to_map(tokens: Tensor, info: Optional[InputInfo], layer: int) -> Tensor:
             hw = info.hw if info is not None else current[0]
-            return tokens_to_map(tokens, hw, psz, None, layer)[0].float()
+            return map_of(tokens, hw, strides[layer - 1], fam, layer).float()
 
         # the same tap as SER's capture (one hook type); SER handles on this model record nothing meanwhile
-        tap = LayerTap(net, dict(zip(order, nets_blocks)), to_map, fingerprints=False)
+        tap = LayerTap(net, {L: nets_blocks[L - 1] for L in order}, to_map, fingerprints=False)
         run = (lambda t: forward(net, t)) if forward is not None else net
 
         def maps(inp: Tensor) -> Tuple[Dict[int, Tensor], Any]:
@@ -343,7 +343,7 @@ def measure_equivariance(
                     raise SERError(f"the model rejected {cells * psz[0]} px input for scale {s} ({err}); build it to take other "
                                    "sizes (timm: dynamic_img_size=True) or pass scales=().") from err
                 gs = GroupElement.from_d4([0] * n, [0] * n, scale=(cells / grid, cells / grid), device=dev)
-                pred = {b: rho(base[b], gs, size=(cells, cells), mode=token_mode) for b in base}
+                pred = {b: rho(base[b], gs, size=(cells * psz[0] // strides[b - 1][0],) * 2, mode=token_mode) for b in base}
             errs = [map_errors(pred[b], moved[b]) for b in result.blocks]
             result.errors[name] = {m: [e[m] for e in errs] for m in METRICS}
             e1 = embedding(out)
@@ -358,15 +358,18 @@ def measure_equivariance(
             errs = [map_errors(base[b], same[b]) for b in result.blocks]
             result.controls["identity"] = {m: [e[m] for e in errs] for m in METRICS}
         if "permutation" in wanted:
-            gen = torch.Generator().manual_seed(perm_seed)
-            perm = torch.randperm(grid * grid, generator=gen).to(dev)
+            perms: Dict[int, Tensor] = {}  # one permutation per grid size (a CNN's layers differ), each from perm_seed
+            for fb in base.values():
+                cells_b = fb.shape[-2] * fb.shape[-1]
+                if cells_b not in perms:
+                    perms[cells_b] = torch.randperm(cells_b, generator=torch.Generator().manual_seed(perm_seed)).to(dev)
             acc: Dict[str, List[float]] = {m: [0.0] * len(measured) for m in METRICS}
             for name in d4:
                 g = _element(name, specs[name], n, dev)
                 moved, _ = maps(act_image(x, g))
                 for i, b in enumerate(result.blocks):
                     fb = base[b]
-                    shuffled = fb.flatten(2)[:, :, perm].view_as(fb)
+                    shuffled = fb.flatten(2)[:, :, perms[fb.shape[-2] * fb.shape[-1]]].view_as(fb)
                     e = map_errors(shuffled, moved[b])
                     for m in METRICS:
                         acc[m][i] += e[m] / len(d4)

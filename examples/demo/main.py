@@ -28,6 +28,7 @@ sys.path.insert(0, str(HERE.parent.parent))  # this checkout's ser_plugin first
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from ser_demo.backbones import FAMILIES, apply_backbone_defaults  # noqa: E402
 from ser_demo.data import load_data  # noqa: E402
 from ser_demo.report import ARM_LABELS, COLUMNS, PCT, flatten, git_commit, markdown_table, md_table, plot_demo, welch  # noqa: E402
 from ser_demo.run import run_job, run_one  # noqa: E402
@@ -53,7 +54,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--b2-share", type=float, default=d.b2_share, help="share of each batch that gets SER's T_eq views")
     p.add_argument("--no-linv2", action="store_true", help="b2's T_eq views feed SER's loss only, not the SSL loss (not the paper)")
-    p.add_argument("--layer", type=int, default=d.layer, help="SER layer L (1..depth)")
+    p.add_argument("--layer", type=int, default=None, help="SER layer L (1..depth; default: 2 for the ViT, the family's middle layer otherwise)")
+    p.add_argument("--backbone", default="vit", choices=FAMILIES, help="vit, or a small resnet / convnext / swin (ser_demo/backbones.py)")
     p.add_argument("--lam", type=float, default=None, help="λ (default: 1.0 MoCo-v3 / 0.3 DINO / 1.0 Barlow Twins)")
     p.add_argument("--tau", type=float, default=None, help="τ of the token InfoNCE (default 0.4; 0.5 DINO)")
     p.add_argument("--lr", type=float, default=d.lr)
@@ -121,6 +123,7 @@ def verdict_table(ver: List[Dict[str, Any]]) -> Tuple[str, List[str]]:
 
 def main(argv=None) -> dict:
     args = parser().parse_args(argv)
+    apply_backbone_defaults(args)  # the family's depth, width and default layer
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     bad = [a for a in arms if a not in ARMS]
     if bad:
@@ -133,13 +136,13 @@ def main(argv=None) -> dict:
     base = Config(
         objective=args.objective, epochs=args.epochs, steps=(args.steps or None), width=args.width, depth=args.depth, heads=args.heads,
         patch=args.patch, img_size=args.img_size, batch=64 if args.smoke else args.batch, b2_share=args.b2_share, b2_in_ssl=not args.no_linv2, layer=args.layer,
-        lam=args.lam, tau=args.tau, lr=args.lr, device=args.device, max_steps=3 if args.smoke else None, mean=split.mean, std=split.std,
+        lam=args.lam, tau=args.tau, lr=args.lr, device=args.device, backbone=args.backbone, max_steps=3 if args.smoke else None, mean=split.mean, std=split.std,
     )
     print(f"data: {split.name}  train {tuple(split.x_train.shape)}  test {tuple(split.x_test.shape)}  classes {split.classes}")
     print(f"ViT: width {base.width}, depth {base.depth}, patch {base.patch}, {base.img_size}px; {base.objective}; SER layer {base.layer}; "
           f"batch {base.batch} (b2 share {base.b2_share}); arms {arms}; seeds {seeds}")
     todo = [(arm, seed) for seed in seeds for arm in arms]
-    robust, spatial = not args.no_robust, not args.no_spatial
+    robust, spatial = not args.no_robust, not args.no_spatial and args.backbone == "vit"  # the spatial probe reads ViT tokens
     records: Dict[str, Dict[int, Dict[str, Any]]] = {a: {} for a in arms}
 
     def done(arm: str, seed: int, rec: Dict[str, Any]) -> None:

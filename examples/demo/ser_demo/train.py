@@ -79,6 +79,7 @@ class Config:
     # False: b2's T_eq views feed SER's loss only, not the host's SSL loss (no L_inv2 on D4-moved views). Not the
     # paper (there, b2's views join the invariance loss); isolates what L_inv2's D4 invariance does.
     b2_in_ssl: bool = True
+    backbone: str = "vit"  # vit, resnet, convnext or swin (ser_demo/backbones.py; depth = the family's layer count)
 
     def resolved(self) -> Config:
         c = copy.copy(self)
@@ -100,6 +101,10 @@ def build_vit(cfg: Config, in_chans: int) -> nn.Module:
     """timm's VisionTransformer, small; ``dynamic_img_size`` so the spatial probe can feed bigger canvases."""
     from timm.models.vision_transformer import VisionTransformer
 
+    if cfg.backbone != "vit":
+        from .backbones import build_backbone
+
+        return build_backbone(cfg, in_chans)
     return VisionTransformer(
         img_size=cfg.img_size, patch_size=cfg.patch, in_chans=in_chans, num_classes=0, embed_dim=cfg.width,
         depth=cfg.depth, num_heads=cfg.heads, mlp_ratio=2.0, dynamic_img_size=True,
