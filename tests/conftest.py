@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 from hypothesis import settings
+from hypothesis.configuration import set_hypothesis_home_dir
 
-# database=None: hypothesis keeps no example database (.hypothesis/) in the working directory
+# hypothesis keeps no example database, and its other caches (.hypothesis/constants) go to a temporary directory
+# instead of the working directory, which tests leave untouched (see pytest_sessionfinish below)
+_HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="ser-plugin-hypothesis-")
+atexit.register(shutil.rmtree, _HYPOTHESIS_HOME, ignore_errors=True)
+set_hypothesis_home_dir(_HYPOTHESIS_HOME)
 settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True, database=None)
 settings.register_profile("dev", max_examples=200, deadline=None, database=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
