@@ -5,9 +5,9 @@
 """
 
 from .attach import SER, attach_ser, remove_ser
-from .config import PRESETS, SERConfig
+from .config import PRESETS, SERConfig, resolve_config
 from .errors import SERError
-from .group import D4_ELEMENTS, GroupElement, act_image, rho, transform_grid
+from .group import D4_ELEMENTS, GroupElement, act_image, rho
 from .late_cls import LateCLS, convert_late_cls
 from .loss import TokenHead, TokenInfoNCE
 from .metrics import equivariance_score
@@ -22,13 +22,13 @@ __all__ = [
     "remove_ser",
     "SERConfig",
     "PRESETS",
+    "resolve_config",
     "SERLoss",
     "SERError",
     "GroupElement",
     "D4_ELEMENTS",
     "act_image",
     "rho",
-    "transform_grid",
     "EquivariantViews",
     "ViewPair",
     "ViewTransform",

@@ -16,55 +16,22 @@ import torch
 from torch import Tensor, nn
 
 from .capture import InputInfo, check_pair, pairing_checks, split_captures, tokens_to_map
-from .config import NOT_CONFIG_OPTIONS, SERConfig
+from .config import SERConfig, resolve_config
 from .errors import SERError
-from .late_cls import LateCLS, convert_late_cls
+from .late_cls import LateCLS, check_late_cls_layer, convert_late_cls
 from .objective import SERLoss, refuse_fixed_option
 from .tap import EarlyExit, LayerTap, live_taps, remove_tap_hooks
 from .views import EquivariantViews, ViewPair
-from .vit import ViTDescription, describe_vit, resolve_layer
+from .vit import ViTDescription, describe_vit
 
-__all__ = ["SER", "attach_ser", "remove_ser", "build_config"]
-
-
-def _view_options(cfg: SERConfig) -> Dict[str, Any]:
-    """The view keywords beyond the D4/scale/photometric ones."""
-    return {"pairing": cfg.pairing, "image_interpolation": cfg.image_interpolation}
+__all__ = ["SER", "attach_ser", "remove_ser"]
 
 
-def build_config(layer: Any, config: Optional[SERConfig], preset: Optional[str], options: Dict[str, Any], caller: str = "attach_ser") -> SERConfig:
-    """The SERConfig of an entry point (``attach_ser``, ``SERCallback``): ``preset`` (if any), then ``config`` (if
-    any), then ``options`` and ``layer``. ``caller`` names the entry point in error messages.
-
-    Raises:
-        SERError: an unknown option (listing the valid ones), a bad value, or no layer.
-    """
-    SERConfig.check_names(options, also=NOT_CONFIG_OPTIONS)
-    if config is not None and not isinstance(config, SERConfig):
-        raise SERError(f"{caller}(config=...) must be a SERConfig, got {type(config).__name__}; build one with SERConfig(...) or pass options as keywords.")
-    if preset is not None:
-        if config is not None:
-            raise SERError(f"give {caller} either config= or preset=, not both (SERConfig.preset(name, **overrides) combines them).")
-        config = SERConfig.preset(preset)
-    cfg = config if config is not None else SERConfig()
-    if layer is not None:
-        options = {**options, "layer": layer}
-    if options:
-        cfg = cfg.replace(**options)
-    if cfg.layer is None:
-        raise SERError(f"no layer given: {caller} needs a layer — {caller}(..., layer=L) or config=SERConfig(layer=L); "
-                       "layer L is the block whose output SER regularises (1..depth).")
-    return cfg
-
-
-def _refuse_impossible(cfg: SERConfig, vit: ViTDescription, index: int, forward: Any, model: nn.Module) -> None:
+def _refuse_impossible(cfg: SERConfig, vit: ViTDescription, forward: Any, model: nn.Module) -> None:
     """Option combinations that cannot train, refused before any hook is registered."""
     name = type(model).__name__
-    if cfg.late_cls and index == vit.depth - 1:
-        raise SERError(
-            f"late_cls=True with layer {index + 1} = the last block of {vit.depth}: [CLS] would join after the last block and stay "
-            "the constant cls_token parameter. Choose a layer below the last block (paper: about a third of the depth) or late_cls=False."
-        )
+    if cfg.late_cls:
+        check_late_cls_layer(vit.layer, vit.depth)
     if cfg.mean is not None and vit.in_chans is not None and len(cfg.mean) != vit.in_chans:
         raise SERError(f"mean/std have {len(cfg.mean)} channels but {name} takes {vit.in_chans}-channel images; give one value per channel.")
     if not cfg.rotations and not cfg.flips and cfg.scale is None and cfg.photometric is None:
@@ -123,19 +90,19 @@ class SER(nn.Module):
                  num_prefix_tokens: Optional[int] = None, forward: Optional[Callable[[nn.Module, Tensor], Any]] = None,
                  preset: Optional[str] = None, **options: Any) -> None:
         super().__init__()
-        cfg = build_config(layer, config, preset, options)
+        cfg = resolve_config(config, preset, options, layer=layer, require_layer=True)
         model = _target_model(model)
-        vit = describe_vit(model, blocks, patch_size, num_prefix_tokens)
-        index = resolve_layer(cfg.layer, vit.depth)
-        _refuse_impossible(cfg, vit, index, forward, model)
-        self.config, self.vit, self._layer, self._forward = cfg, vit, index + 1, forward
+        vit = describe_vit(model, blocks, patch_size, num_prefix_tokens, layer=cfg.layer)
+        _refuse_impossible(cfg, vit, forward, model)
+        self.config, self.vit, self._layer, self._forward = cfg, vit, vit.layer, forward
+        index = vit.layer - 1
         self.__dict__["_model"] = model  # not a submodule: ser.parameters() are SER's own
         objective = SERLoss(cfg, dim=vit.width)
         objective.where = f"layer {self._layer}"
         self.__dict__["objective"] = objective  # not a submodule: the head is registered once, as ser.head
         self.head: Optional[nn.Module] = objective.head
         psz = vit.patch_size[0] if vit.patch_size is not None else 1
-        self.view_policy = EquivariantViews(psz, cfg.rotations, cfg.flips, cfg.scale, cfg.ratio, cfg.photometric, cfg.mean, cfg.std, **_view_options(cfg))
+        self.view_policy = EquivariantViews.from_config(cfg, psz)
         self._late: Optional[LateCLS] = None
         self._tap: Optional[LayerTap] = LayerTap(model, {self._layer: vit.blocks[index]}, self._to_map, owner=self)
         if cfg.late_cls:  # registered after the tap, so the capture sees block L's patch tokens before [CLS] returns
@@ -270,9 +237,11 @@ def attach_ser(model: nn.Module, layer: Optional[int] = None, *, config: Optiona
             ``blocks=`` given).
         layer: ``L`` — the token map after the first ``L`` blocks (``1..depth``; negative counts from the end);
             or ``config.layer``.
-        config: a :class:`SERConfig`; ``options`` override its fields.
-        **options: :class:`SERConfig` fields (``lam``, ``tau``, ``head``, ``late_cls``, ``scale``, ``photometric``,
-            ``mean``/``std``, ...), ``preset="authors"``, and the model-description overrides ``blocks``
+        config: a :class:`SERConfig`, the base.
+        **options: ``preset=`` (a name in :data:`~ser_plugin.PRESETS`, applied on top of ``config``), then
+            :class:`SERConfig` fields (``lam``, ``tau``, ``head``, ``late_cls``, ``scale``, ``photometric``,
+            ``mean``/``std``, ...) on top of both (see :func:`~ser_plugin.config.resolve_config`), and the
+            model-description overrides ``blocks``
             (dotted path or list of blocks), ``patch_size``, ``num_prefix_tokens``, ``forward``
             (``lambda model, x: ...``).
 

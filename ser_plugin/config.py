@@ -1,33 +1,45 @@
-"""SERConfig: every option of SER in one typed, validated dataclass.
+"""SERConfig: every option of SER in one typed, validated dataclass, and the one way a config is resolved.
 
-``attach_ser(model, layer, **options)`` builds one; the adapters and the Lightning callback accept one.
-Bad values raise :class:`~ser_plugin.errors.SERError` naming the field, the value and what is allowed;
-numpy and 0-d tensor scalars are accepted and stored as Python numbers.
+Every entry point — :func:`~ser_plugin.attach_ser`, :class:`~ser_plugin.integrations.lightning.SERCallback`,
+:class:`~ser_plugin.SERLoss`, the ``--ser-*`` flags (:func:`~ser_plugin.integrations.config_from_args`) and the
+Hydra/OmegaConf node (:func:`~ser_plugin.integrations.config_from_structured`) — goes through
+:func:`resolve_config`, with one precedence rule::
+
+    base (a SERConfig, or a name in PRESETS; default SERConfig())  →  preset (a name in PRESETS)  →  overrides  →  layer
+
+and one set of errors (an unknown option or preset name, a bad value, no layer where one is needed). Bad
+values raise :class:`~ser_plugin.errors.SERError` naming the field, the value and what is allowed
+(:mod:`ser_plugin.allowed` holds the allowed values); numpy and 0-d tensor scalars are stored as Python numbers.
 
 Example:
     >>> cfg = SERConfig(layer=6, lam=0.5, head=True)
     >>> cfg = SERConfig.from_kwargs(layer=6, tau=0.3)          # unknown names -> SERError listing valid ones
     >>> cfg = SERConfig.preset("authors", layer=6)             # the SER authors' choices, overridable
-    >>> dataclasses.replace(cfg, lam=0.0).lam
-    0.0
+    >>> resolve_config("dino", "authors", {"lam": 0.5}).tau    # recipe -> preset -> overrides
+    0.5
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from types import MappingProxyType
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 from torch import nn
 
+from . import allowed as A
 from .errors import SERError
 from .loss import DEFAULT_CHUNK_ELEMENTS
 
-__all__ = ["SERConfig", "PRESETS", "NOT_CONFIG_OPTIONS"]
+__all__ = ["SERConfig", "PRESETS", "HOST_RECIPES", "resolve_config", "MODEL_OPTIONS"]
 
-#: named presets: field values applied before the caller's overrides
+#: The one registry of named settings. Method presets (``"authors"``: the SER authors' released choices) and the
+#: SSL objectives' recipes (``"mocov3"``, ``"dino"``, ``"barlow_twins"``: docs/method.md §10) live here together;
+#: any name can be a ``base`` or a ``preset`` of :func:`resolve_config`. The recipes: layer 3 (the paper's best
+#: top-1 on a 12-block ViT-S/16), the paper's τ (0.3 for MoCo-v3 and Barlow Twins, 0.5 for DINO) and the released
+#: code's λ (1.0; 0.3 for DINO), b2_share 0.01 (the paper's 1 % of the large global batches of these recipes).
 PRESETS: Dict[str, Dict[str, Any]] = {
     "authors": dict(
         photometric="authors",
@@ -39,79 +51,69 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         late_cls=True,
         scale_frame="view1",
     ),
+    "mocov3": {"layer": 3, "lam": 1.0, "tau": 0.3, "b2_share": 0.01},
+    "dino": {"layer": 3, "lam": 0.3, "tau": 0.5, "b2_share": 0.01},
+    "barlow_twins": {"layer": 3, "lam": 1.0, "tau": 0.3, "b2_share": 0.01},
 }
 
-#: attach_ser keyword arguments that describe the model rather than SER (not config fields)
-NOT_CONFIG_OPTIONS = ("blocks", "patch_size", "num_prefix_tokens", "forward", "preset")
+#: The registry entries that are SSL objectives' recipes (a read-only view of :data:`PRESETS`; the launchers'
+#: defaults, and solo-learn's per-``cfg.method`` choice).
+HOST_RECIPES: Mapping[str, Dict[str, Any]] = MappingProxyType({k: PRESETS[k] for k in ("mocov3", "dino", "barlow_twins")})
 
-_INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "area")
-_PAIRINGS = ("independent", "no_identity", "authors")
-_IMAGE_INTERPOLATIONS = ("bilinear", "bicubic")
-_SCALE_FRAMES = ("view2", "view1")
-_PHOTOMETRIC_NAMES = ("mocov3", "authors")
+#: attach_ser / SERCallback keyword arguments that describe the model rather than SER (not config fields)
+MODEL_OPTIONS = ("blocks", "patch_size", "num_prefix_tokens", "forward")
 
 
-def _scalar(v: Any) -> Any:
-    """numpy scalars and 0-d tensors → Python numbers/bools; anything else unchanged."""
-    if hasattr(v, "item") and tuple(getattr(v, "shape", (1,))) == ():
-        try:
-            return v.item()
-        except (ValueError, RuntimeError, TypeError):
-            return v
-    return v
+def resolve_config(
+    base: Union[None, str, SERConfig] = None,
+    preset: Optional[str] = None,
+    overrides: Optional[Mapping[str, Any]] = None,
+    *,
+    layer: Any = None,
+    require_layer: bool = False,
+) -> SERConfig:
+    """The SERConfig of any entry point: ``base`` → ``preset`` → ``overrides`` → ``layer`` (later wins).
+
+    Args:
+        base: a :class:`SERConfig`, a name in :data:`PRESETS` (e.g. a launcher's recipe) or ``None`` (the defaults).
+        preset: a name in :data:`PRESETS` applied on top of ``base``.
+        overrides: field values given explicitly (keywords, flags, config keys).
+        layer: the layer given positionally (applied last; ``None``: keep the resolved one).
+        require_layer: raise when no layer results (the entry points that hook a model).
+
+    Returns:
+        A validated SERConfig.
+
+    Raises:
+        SERError: an unknown option name (the valid ones are listed), a ``base`` that is neither a SERConfig nor
+            a name, an unknown preset name, a bad value, or (``require_layer``) no layer.
+    """
+    overrides = dict(overrides or {})
+    SERConfig.check_names(overrides)
+    if isinstance(base, str):
+        cfg = SERConfig(**_named(base))
+    elif base is None:
+        cfg = SERConfig()
+    elif isinstance(base, SERConfig):
+        cfg = base
+    else:
+        raise SERError(f"config must be a SERConfig (or a name in ser_plugin.PRESETS), got {type(base).__name__}; build one with SERConfig(...) or pass the options as keywords.")
+    if preset is not None:
+        overrides = {**_named(preset), **overrides}
+    if layer is not None:
+        overrides["layer"] = layer
+    if overrides:
+        cfg = dataclasses.replace(cfg, **overrides)
+    if require_layer and cfg.layer is None:
+        raise SERError("no layer given: SER needs a layer, the block L whose output it regularises (1..depth): layer=L "
+                       "(attach_ser(model, L), SERCallback(L)), config=SERConfig(layer=L), --ser-layer L or ser.layer=L.")
+    return cfg
 
 
-def _bad(name: str, value: Any, allowed: str) -> SERError:
-    return SERError(f"SERConfig.{name}={value!r} is not allowed: {name} must be {allowed}.")
-
-
-def _bool(name: str, v: Any) -> bool:
-    v = _scalar(v)
-    if not isinstance(v, bool):
-        raise _bad(name, v, "True or False")
-    return v
-
-
-def _number(name: str, v: Any, *, lo: float, lo_open: bool, allowed: str) -> float:
-    v = _scalar(v)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo or (lo_open and v == lo):
-        raise _bad(name, v, allowed)
-    return float(v)
-
-
-def _int(name: str, v: Any, *, minimum: int, allowed: str) -> int:
-    v = _scalar(v)
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise _bad(name, v, allowed)
-    return int(v)
-
-
-def _range(name: str, v: Any, allowed: str) -> Tuple[float, float]:
-    if isinstance(v, (str, bytes)) or not hasattr(v, "__len__") or len(v) != 2:
-        raise _bad(name, v, allowed)
-    lo, hi = (_scalar(t) for t in v)
-    if not all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) for t in (lo, hi)) or not (0 < lo <= hi):
-        raise _bad(name, v, allowed)
-    return (float(lo), float(hi))
-
-
-def _choice(name: str, v: Any, choices: Tuple[str, ...]) -> str:
-    if not isinstance(v, str) or v not in choices:
-        raise _bad(name, v, "one of " + ", ".join(repr(c) for c in choices))
-    return v
-
-
-def _floats(name: str, v: Any, positive: bool) -> Tuple[float, ...]:
-    allowed = "None or a sequence of finite per-channel numbers" + (" > 0" if positive else "") + ", e.g. (0.485, 0.456, 0.406)"
-    if isinstance(v, (str, bytes)) or not hasattr(v, "__len__") or len(v) == 0:
-        raise _bad(name, v, allowed)
-    try:
-        out = tuple(float(_scalar(t)) for t in v)
-    except (TypeError, ValueError):
-        raise _bad(name, v, allowed) from None
-    if any(isinstance(_scalar(t), bool) for t in v) or not all(math.isfinite(t) for t in out) or (positive and min(out) <= 0):
-        raise _bad(name, v, allowed)
-    return out
+def _named(name: Any) -> Dict[str, Any]:
+    if not isinstance(name, str) or name not in PRESETS:
+        raise SERError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))} (method presets and SSL recipes, ser_plugin.PRESETS).")
+    return dict(PRESETS[name])
 
 
 @dataclass
@@ -176,54 +178,36 @@ class SERConfig:
     b2_share: float = 0.25
 
     def __post_init__(self) -> None:
-        layer = _scalar(self.layer)
+        layer = A.scalar(self.layer)
         if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer == 0):
-            raise _bad("layer", layer, "an int (1..depth, or -depth..-1 from the end) or None")
+            raise A.bad("layer", layer, "an int (1..depth, or -depth..-1 from the end) or None")
         self.layer = layer
-        self.lam = _number("lam", self.lam, lo=0.0, lo_open=False, allowed="a finite number >= 0")
-        self.tau = _number("tau", self.tau, lo=0.0, lo_open=True, allowed="a finite number > 0")
-        head = _scalar(self.head)
+        self.lam = A.check_number("lam", self.lam, lo=0.0, lo_open=False, allowed="a finite number >= 0")
+        self.tau = A.check_tau(self.tau)
+        head = A.scalar(self.head)
         if not isinstance(head, (bool, nn.Module)):
-            raise _bad("head", head, "True, False or a token-wise nn.Module")
+            raise A.bad("head", head, "True, False or a token-wise nn.Module")
         self.head = head
-        hd = self.head_dims
+        hd, pair = self.head_dims, "a pair of positive ints (hidden, out)"
         if isinstance(hd, (str, bytes)) or not hasattr(hd, "__len__") or len(hd) != 2:
-            raise _bad("head_dims", hd, "a pair of positive ints (hidden, out)")
-        self.head_dims = (_int("head_dims", hd[0], minimum=1, allowed="a pair of positive ints (hidden, out)"),
-                          _int("head_dims", hd[1], minimum=1, allowed="a pair of positive ints (hidden, out)"))
+            raise A.bad("head_dims", hd, pair)
+        self.head_dims = (A.check_int("head_dims", hd[0], minimum=1, allowed=pair), A.check_int("head_dims", hd[1], minimum=1, allowed=pair))
         for name in ("symmetric", "same_branch_negatives", "rotations", "flips", "late_cls", "check_finite"):
-            setattr(self, name, _bool(name, getattr(self, name)))
-        if self.max_negatives is not None:
-            self.max_negatives = _int("max_negatives", self.max_negatives, minimum=1, allowed="None or a positive int")
-        gather = _scalar(self.gather)
-        if not (isinstance(gather, bool) or gather == "auto"):
-            raise _bad("gather", gather, "'auto', True or False")
-        self.gather = gather
-        self.interpolation = _choice("interpolation", self.interpolation, _INTERPOLATIONS)
-        if self.scale is not None:
-            self.scale = _range("scale", self.scale, "None or an area range (lo, hi) with 0 < lo <= hi, e.g. (0.7, 1.3)")
-        self.ratio = _range("ratio", self.ratio, "an aspect-ratio range (lo, hi) with 0 < lo <= hi, e.g. (3/4, 4/3)")
-        ph = self.photometric
-        if isinstance(ph, list):
-            ph = tuple(ph)
-        if not (ph is None or (isinstance(ph, str) and ph in _PHOTOMETRIC_NAMES) or (isinstance(ph, tuple) and len(ph) == 2 and all(callable(p) for p in ph))):
-            raise _bad("photometric", ph, "'mocov3', 'authors', None or a pair of callables (p1, p2)")
-        self.photometric = ph
-        if self.mean is not None:
-            self.mean = _floats("mean", self.mean, positive=False)
-        if self.std is not None:
-            self.std = _floats("std", self.std, positive=True)
-        if (self.mean is None) != (self.std is None):
-            raise SERError(f"SERConfig: mean={self.mean!r} and std={self.std!r}: give both (per-channel, same length) or neither.")
-        if self.mean is not None and len(self.mean) != len(self.std):  # type: ignore[arg-type]
-            raise SERError(f"SERConfig: mean has {len(self.mean)} channels and std {len(self.std)}; give one value per channel in each.")  # type: ignore[arg-type]
-        self.chunk_elements = _int("chunk_elements", self.chunk_elements, minimum=1, allowed="a positive int")
-        self.pairing = _choice("pairing", self.pairing, _PAIRINGS)
-        self.image_interpolation = _choice("image_interpolation", self.image_interpolation, _IMAGE_INTERPOLATIONS)
-        self.scale_frame = _choice("scale_frame", self.scale_frame, _SCALE_FRAMES)
-        b2 = _number("b2_share", self.b2_share, lo=0.0, lo_open=True, allowed="a share in (0, 1]")
+            setattr(self, name, A.check_bool(name, getattr(self, name)))
+        self.max_negatives = A.check_optional_int("max_negatives", self.max_negatives)
+        self.gather = A.check_gather(self.gather)
+        self.interpolation = A.check_choice("interpolation", self.interpolation, A.INTERPOLATIONS)
+        self.scale = A.check_scale(self.scale)
+        self.ratio = A.check_ratio(self.ratio)
+        self.photometric = A.check_photometric(self.photometric)
+        self.mean, self.std = A.check_mean_std(self.mean, self.std)
+        self.chunk_elements = A.check_int("chunk_elements", self.chunk_elements, minimum=1, allowed="a positive int")
+        self.pairing = A.check_pairing(self.pairing, self.rotations, self.flips)
+        self.image_interpolation = A.check_choice("image_interpolation", self.image_interpolation, A.IMAGE_INTERPOLATIONS)
+        self.scale_frame = A.check_choice("scale_frame", self.scale_frame, A.SCALE_FRAMES)
+        b2 = A.check_number("b2_share", self.b2_share, lo=0.0, lo_open=True, allowed="a share in (0, 1]")
         if b2 > 1:
-            raise _bad("b2_share", self.b2_share, "a share in (0, 1]")
+            raise A.bad("b2_share", self.b2_share, "a share in (0, 1]")
         self.b2_share = b2
 
     @classmethod
@@ -232,17 +216,19 @@ class SERConfig:
         return tuple(f.name for f in fields(cls) if not f.name.startswith("_"))
 
     @classmethod
-    def check_names(cls, names: Any, also: Tuple[str, ...] = ()) -> None:
-        """Raises SERError for any name that is neither a field nor in ``also``, listing the valid names.
+    def check_names(cls, names: Any) -> None:
+        """Raises SERError for any name that is not a field, listing the valid names.
 
         Raises:
             SERError: an unknown option name (with the closest valid name when there is one).
         """
-        valid = cls.field_names() + tuple(also)
+        valid = cls.field_names()
         unknown = [n for n in names if n not in valid]
         if unknown:
-            hints = [f"{n!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(n, valid, n=1)) else repr(n) for n in unknown]
-            raise SERError(f"unknown SER option(s) {', '.join(hints)}; valid names: {', '.join(valid)}.")
+            near = valid + ("preset",) + MODEL_OPTIONS
+            hints = [f"{n!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(str(n), near, n=1)) else repr(n) for n in unknown]
+            raise SERError(f"unknown SER option(s) {', '.join(hints)}; valid names: {', '.join(valid)}; and preset (a name in "
+                           f"ser_plugin.PRESETS); attach_ser and SERCallback also take the model options {', '.join(MODEL_OPTIONS)}.")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> SERConfig:
@@ -251,26 +237,23 @@ class SERConfig:
         Raises:
             SERError: an unknown name, or a bad value.
         """
-        cls.check_names(kwargs)
-        return cls(**kwargs)
+        return resolve_config(None, None, kwargs)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> SERConfig:
-        """A named preset (see :data:`PRESETS`) with ``overrides`` applied on top.
+        """A named entry of :data:`PRESETS` with ``overrides`` applied on top.
 
         Args:
             name: ``"authors"`` — the SER authors' code: authors' photometrics and pairing, bicubic
-                resampling, scale views ``(0.7, 1.3)``, token head, late [CLS], view-1 frame under scale.
+                resampling, scale views ``(0.7, 1.3)``, token head, late [CLS], view-1 frame under scale; or an
+                SSL recipe, ``"mocov3"``, ``"dino"``, ``"barlow_twins"``.
             **overrides: any field.
 
         Raises:
             SERError: an unknown preset or option name, or a bad value.
         """
-        if name not in PRESETS:
-            raise SERError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}.")
-        return cls.from_kwargs(**{**PRESETS[name], **overrides})
+        return resolve_config(None, name, overrides)
 
     def replace(self, **changes: Any) -> SERConfig:
         """``dataclasses.replace`` with the typo check of :meth:`from_kwargs`."""
-        self.check_names(changes)
-        return dataclasses.replace(self, **changes)
+        return resolve_config(self, None, changes)

@@ -13,7 +13,7 @@ from .errors import SERError
 from .tap import TapHook
 from .vit import declared_prefix_tokens, find_blocks, iter_prefix_params, resolve_layer
 
-__all__ = ["LateCLS", "convert_late_cls"]
+__all__ = ["LateCLS", "convert_late_cls", "check_late_cls_layer"]
 
 
 class _StripPrefix(TapHook):
@@ -65,12 +65,20 @@ class LateCLS:
         self.remove()
 
 
-def convert_late_cls(
-    model: nn.Module,
-    layer: int,
-    blocks: Union[None, str, Sequence[nn.Module]] = None,
-    _insert_prepend: bool = False,
-) -> LateCLS:
+def check_late_cls_layer(layer: int, depth: int) -> None:
+    """The late-[CLS] rule, stated once: [CLS] joins after block ``layer`` (``1..depth``), so that block must not be the last.
+
+    Raises:
+        SERError: ``layer`` is the last block (the [CLS] output would be the constant ``cls_token`` parameter).
+    """
+    if layer == depth:
+        raise SERError(
+            f"late_cls=True with layer {layer} = the last block of {depth}: [CLS] would join after the last block and stay "
+            "the constant cls_token parameter. Choose a layer below the last block (paper: about a third of the depth) or late_cls=False."
+        )
+
+
+def convert_late_cls(model: nn.Module, layer: int, blocks: Union[None, str, Sequence[nn.Module]] = None) -> LateCLS:
     """Converts a timm or DINO/DINOv2-style ViT to late [CLS] insertion after block ``layer``.
 
     The embedding still builds ``[prefix, patches]``; a pre-hook on block 1 drops the prefix and a hook on
@@ -93,14 +101,7 @@ def convert_late_cls(
             f"reg_token/register_tokens, declared prefix count) ; {type(model).__name__} has prefix parameters "
             f"{[tuple(t.shape) for t in params]} and declares {p} prefix tokens. Use late_cls=False."
         )
-    if idx == len(blist) - 1:
-        raise SERError(
-            f"late_cls=True with layer {idx + 1} = the last block of {len(blist)}: [CLS] would be inserted after every block "
-            "and stay the constant cls_token parameter. Choose a layer below the last block (paper: about a third of the depth)."
-        )
-    handles = [
-        blist[0].register_forward_pre_hook(_StripPrefix(p)),
-        blist[idx].register_forward_hook(_InsertPrefix(params), prepend=_insert_prepend),
-    ]
+    check_late_cls_layer(idx + 1, len(blist))
+    handles = [blist[0].register_forward_pre_hook(_StripPrefix(p)), blist[idx].register_forward_hook(_InsertPrefix(params))]
     return LateCLS(handles, idx + 1, p)
 

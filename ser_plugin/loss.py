@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from . import allowed as A
 from .distributed import exchange_sizes, gather_padded, rank, world_size
 from .errors import SERError
 from .group import GroupElement, rho
@@ -312,7 +313,6 @@ class TokenHead(nn.Module):
         return self.fc2(self.act(self.fc1(self.norm(x))))
 
 
-_SCALE_FRAMES = ("view2", "view1")
 
 
 def _rho(z: Tensor, g: GroupElement, size: Tuple[int, int], mode: str) -> Tensor:
@@ -371,16 +371,24 @@ class TokenInfoNCE(nn.Module):
         scale_frame: str = "view2",
     ) -> None:
         super().__init__()
-        if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
-            raise SERError(f"tau must be a positive finite number, got {tau!r}.")
-        if max_negatives is not None and (not isinstance(max_negatives, int) or max_negatives < 1):
-            raise SERError(f"max_negatives must be None or a positive int, got {max_negatives!r}.")
-        if interpolation not in ("bilinear", "bicubic", "nearest", "area"):
-            raise SERError(f"interpolation must be 'bilinear' or 'bicubic' (or nearest/area), got {interpolation!r}.")
-        if gather != "auto" and not isinstance(gather, bool):
-            raise SERError(f"gather must be 'auto', True or False, got {gather!r}.")
-        if scale_frame not in _SCALE_FRAMES:
-            raise SERError(f"scale_frame must be 'view2' (both directions on view 2's grid) or 'view1' (the authors' frame), got {scale_frame!r}.")
+        own = "TokenInfoNCE"  # the same checks and messages as SERConfig (ser_plugin.allowed)
+        self._setup(A.check_tau(tau, own), A.check_bool("symmetric", symmetric, own), A.check_bool("same_branch_negatives", same_branch_negatives, own),
+                    A.check_optional_int("max_negatives", max_negatives, own), A.check_gather(gather, own),
+                    A.check_choice("interpolation", interpolation, A.INTERPOLATIONS, own),
+                    A.check_int("chunk_elements", chunk_elements, minimum=1, allowed="a positive int", owner=own),
+                    A.check_choice("scale_frame", scale_frame, A.SCALE_FRAMES, own))
+
+    @classmethod
+    def from_config(cls, config: Any) -> TokenInfoNCE:
+        """The criterion of a validated :class:`~ser_plugin.SERConfig` (its values are not checked again)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        c = config
+        self._setup(c.tau, c.symmetric, c.same_branch_negatives, c.max_negatives, c.gather, c.interpolation, c.chunk_elements, c.scale_frame)
+        return self
+
+    def _setup(self, tau: float, symmetric: bool, same_branch_negatives: bool, max_negatives: Optional[int], gather: Union[str, bool],
+               interpolation: str, chunk_elements: int, scale_frame: str) -> None:
         self.tau = float(tau)
         self.symmetric = symmetric
         self.same_branch_negatives = same_branch_negatives

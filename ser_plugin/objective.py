@@ -8,7 +8,7 @@ from typing import Any, List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .config import SERConfig
+from .config import SERConfig, resolve_config
 from .errors import SERError
 from .group import GroupElement
 from .loss import FiniteCheck, TokenHead, TokenInfoNCE
@@ -39,7 +39,8 @@ class SERLoss(nn.Module):
             ``tau``, ``head``, ``head_dims``, ``symmetric``, ``same_branch_negatives``, ``max_negatives``,
             ``gather``, ``interpolation``, ``chunk_elements``, ``scale_frame``, ``check_finite``).
         dim: token width ``C``; needed to build the head when ``head=True``.
-        **options: :class:`SERConfig` fields overriding ``config``.
+        preset: a name in :data:`~ser_plugin.PRESETS` applied on top of ``config``.
+        **options: :class:`SERConfig` fields overriding both (see :func:`~ser_plugin.config.resolve_config`).
 
     Attributes:
         last_loss: the last unweighted L_equiv (detached), also when ``lam == 0``.
@@ -59,16 +60,11 @@ class SERLoss(nn.Module):
         >>> loss = crit(f1, f2, pair)
     """
 
-    def __init__(self, config: Optional[SERConfig] = None, *, dim: Optional[int] = None, **options: Any) -> None:
+    def __init__(self, config: Optional[SERConfig] = None, *, dim: Optional[int] = None, preset: Optional[str] = None, **options: Any) -> None:
         super().__init__()
-        if config is not None and not isinstance(config, SERConfig):
-            raise SERError(f"config must be a SERConfig, got {type(config).__name__}.")
-        cfg = (config or SERConfig()).replace(**options) if options else (config or SERConfig())
+        cfg = resolve_config(config, preset, options)
         self.config = cfg
-        kw = dict(scale_frame=cfg.scale_frame)
-        self.criterion = TokenInfoNCE(
-            cfg.tau, cfg.symmetric, cfg.same_branch_negatives, cfg.max_negatives, cfg.gather, cfg.interpolation, cfg.chunk_elements, **kw
-        )
+        self.criterion = TokenInfoNCE.from_config(cfg)
         if cfg.head is True:
             if dim is None:
                 raise SERError("head=True needs the token width: pass dim= (the handle detects it), or head=TokenHead(dim) yourself.")

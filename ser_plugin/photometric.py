@@ -33,13 +33,11 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor, nn
 
+from . import allowed as A
 from .errors import SERError
 from .group import to_device
 
-__all__ = ["BatchedPhotometric", "VARIANTS", "blur_kernel_size"]
-
-#: The built-in photometric variants.
-VARIANTS = ("mocov3", "authors")
+__all__ = ["BatchedPhotometric", "blur_kernel_size"]
 
 _BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = 0.4, 0.4, 0.2, 0.1
 _P_JITTER, _P_GRAY, _P_SOLARIZE = 0.8, 0.2, 0.2
@@ -94,10 +92,20 @@ class BatchedPhotometric(nn.Module):
 
     def __init__(self, variant: str = "mocov3", second: bool = False, kernel_size: Optional[int] = None) -> None:
         super().__init__()
-        if variant not in VARIANTS:
-            raise SERError(f"unknown photometric variant {variant!r}; use one of {VARIANTS}.")
+        variant = A.check_choice("variant", variant, A.PHOTOMETRIC_VARIANTS, "BatchedPhotometric")
         if kernel_size is not None and (kernel_size < 1 or kernel_size % 2 == 0):
             raise SERError(f"kernel_size must be a positive odd int, got {kernel_size!r}.")
+        self._setup(variant, second, kernel_size)
+
+    @classmethod
+    def _validated(cls, variant: str, second: bool) -> BatchedPhotometric:
+        """For the view policy, whose variant was validated with its config: not checked again."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._setup(variant, second, None)
+        return self
+
+    def _setup(self, variant: str, second: bool, kernel_size: Optional[int]) -> None:
         self.variant = variant
         self.second = second
         self.kernel_size = kernel_size

@@ -49,7 +49,7 @@ from .capture import InputInfo, tokens_to_map
 from .errors import SERError
 from .group import GroupElement, act_image, rho
 from .tap import LayerTap
-from .vit import declared_prefix_tokens, detect_patch_size, find_blocks
+from .vit import declared_prefix_tokens, detect_patch_size, find_blocks, resolve_layer
 
 __all__ = ["ELEMENTS", "ProtocolResult", "measure_equivariance", "untrained_copy", "map_errors"]
 
@@ -127,6 +127,13 @@ class ProtocolResult:
         """Mean cosine similarity (1 − mean of ``one_minus_cos``) over the three quarter turns, per block
         (1 = exactly rotation-equivariant): the figure comparable to the paper's "rotation equivariance"."""
         return {b: 1.0 - sum(self.errors[r]["one_minus_cos"][i] for r in ROTATIONS) / len(ROTATIONS) for i, b in enumerate(self.blocks)}
+
+    def score(self) -> Dict[int, Dict[str, float]]:
+        """Mean cosine similarity over the seven non-identity D4 elements per block, ``{block: {"raw", "centred"}}``
+        (1 = exactly equivariant): ``1 −`` the mean of ``one_minus_cos`` and of ``one_minus_cos_centred``."""
+        d4 = [e for e in ELEMENTS if e in self.errors]
+        raw, centred = self.mean_over(d4, "one_minus_cos"), self.mean_over(d4, "one_minus_cos_centred")
+        return {b: {"raw": 1.0 - raw[i], "centred": 1.0 - centred[i]} for i, b in enumerate(self.blocks)}
 
     def mean_over(self, names: Sequence[str], metric: str = "one_minus_cos") -> List[float]:
         """``metric`` averaged over the elements ``names``, per block."""
@@ -229,7 +236,7 @@ def measure_equivariance(
     patch_size: Optional[int] = None,
     forward: Optional[Callable[[nn.Module, Tensor], Any]] = None,
     perm_seed: int = 0,
-    _rho: Callable[..., Tensor] = rho,
+    layers: Union[None, int, Sequence[int]] = None,
 ) -> ProtocolResult:
     """Runs the protocol on ``model`` with images ``x``.
 
@@ -245,6 +252,7 @@ def measure_equivariance(
         blocks, patch_size: as in :func:`ser_plugin.attach_ser`, when detection fails.
         forward: ``forward(model, images)`` when ``model(images)`` is not how the model is called.
         perm_seed: seed of the permutation control.
+        layers: the blocks to measure (``1..depth``, negative counts from the end; one or several); ``None``: all.
 
     Returns:
         :class:`ProtocolResult`.
@@ -266,12 +274,14 @@ def measure_equivariance(
     if bad:
         raise SERError(f"unknown control(s) {bad}; choose from identity, permutation, untrained.")
     depth = len(blist)
+    wanted_layers = list(range(1, depth + 1)) if layers is None else ([layers] if isinstance(layers, int) else list(layers))
+    measured = sorted({resolve_layer(L, depth) + 1 for L in wanted_layers})
     grid = x.shape[-1] // psz[0]
     n, dev = x.shape[0], x.device
     has_cls = bool(declared_prefix_tokens(model))
 
     def measure(net: nn.Module, nets_blocks: List[nn.Module]) -> Tuple[Callable[[Tensor], Tuple[Dict[int, Tensor], Any]], Callable[[], None]]:
-        order = list(range(1, depth + 1))
+        order = measured
         current: List[Tuple[int, int]] = [tuple(x.shape[-2:])]  # type: ignore[list-item]
 
         def to_map(tokens: Tensor, info: Optional[InputInfo], layer: int) -> Tensor:
@@ -285,8 +295,8 @@ def measure_equivariance(
         def maps(inp: Tensor) -> Tuple[Dict[int, Tensor], Any]:
             current[0] = tuple(inp.shape[-2:])  # type: ignore[assignment]
             sink, out = tap.collect(net, lambda: run(inp))
-            if len(sink) != depth:
-                raise SERError(f"the forward pass ran {len(sink)} of the {depth} blocks; pass forward= if the model needs a custom call.")
+            if len(sink) != len(order):
+                raise SERError(f"the forward pass ran {len(sink)} of the {len(order)} measured blocks; pass forward= if the model needs a custom call.")
             return dict(zip(order, sink)), out
 
         return maps, tap.remove
@@ -299,7 +309,7 @@ def measure_equivariance(
         if not (isinstance(s, (int, float)) and s > 0 and math.isfinite(s)):
             raise SERError(f"scales must be positive numbers, got {s!r}.")
         specs[f"scale{s:g}"] = (0, 0, float(s))
-    result = ProtocolResult(blocks=list(range(1, depth + 1)), errors={},
+    result = ProtocolResult(blocks=list(measured), errors={},
                             resampler={"image": f"{image_mode} (antialiased when shrinking)", "tokens": token_mode}, images=n)
     was_training = model.training
     model.eval()
@@ -321,7 +331,7 @@ def measure_equivariance(
                 gx = act_image(x, g)
                 result.input_change[name] = float((gx - x).flatten(1).norm(dim=1).mean() / x.flatten(1).norm(dim=1).mean().clamp_min(1e-12))
                 moved, out = maps(gx)
-                pred = {b: _rho(base[b], g) for b in base}
+                pred = {b: rho(base[b], g) for b in base}
             else:
                 cells = max(1, int(round(grid * s)))
                 result.effective_scale[name] = cells / grid
@@ -333,7 +343,7 @@ def measure_equivariance(
                     raise SERError(f"the model rejected {cells * psz[0]} px input for scale {s} ({err}); build it to take other "
                                    "sizes (timm: dynamic_img_size=True) or pass scales=().") from err
                 gs = GroupElement.from_d4([0] * n, [0] * n, scale=(cells / grid, cells / grid), device=dev)
-                pred = {b: _rho(base[b], gs, size=(cells, cells), mode=token_mode) for b in base}
+                pred = {b: rho(base[b], gs, size=(cells, cells), mode=token_mode) for b in base}
             errs = [map_errors(pred[b], moved[b]) for b in result.blocks]
             result.errors[name] = {m: [e[m] for e in errs] for m in METRICS}
             e1 = embedding(out)
@@ -350,7 +360,7 @@ def measure_equivariance(
         if "permutation" in wanted:
             gen = torch.Generator().manual_seed(perm_seed)
             perm = torch.randperm(grid * grid, generator=gen).to(dev)
-            acc: Dict[str, List[float]] = {m: [0.0] * depth for m in METRICS}
+            acc: Dict[str, List[float]] = {m: [0.0] * len(measured) for m in METRICS}
             for name in d4:
                 g = _element(name, specs[name], n, dev)
                 moved, _ = maps(act_image(x, g))
@@ -369,6 +379,6 @@ def measure_equivariance(
         if blocks is not None and not isinstance(blocks, str):
             raise SERError("the untrained control needs blocks=None or a dotted path (a list of modules belongs to the trained model); "
                            "pass controls=('identity', 'permutation') or give the blocks as a dotted path.")
-        sub = measure_equivariance(twin, x, scales=(), controls=False, blocks=blocks, patch_size=patch_size, forward=forward, _rho=_rho)
+        sub = measure_equivariance(twin, x, scales=(), controls=False, blocks=blocks, patch_size=patch_size, forward=forward, layers=measured)
         result.controls["untrained"] = {m: sub.mean_over(d4, m) for m in METRICS}
     return result

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import math
-import warnings
 from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from . import allowed as A
 from .errors import SERError
 from .group import D4_ELEMENTS, GroupElement, act_image, to_device
-from .photometric import VARIANTS, BatchedPhotometric, blur_kernel_size
+from .photometric import BatchedPhotometric
 
-__all__ = ["ViewPair", "EquivariantViews", "ViewTransform", "mocov3_photometric", "collate_views", "rescale_pair", "pair_elements"]
+__all__ = ["ViewPair", "EquivariantViews", "ViewTransform", "collate_views", "rescale_pair"]
 
 Photometric = Optional[Callable[[Tensor], Tensor]]
 
@@ -45,28 +45,6 @@ class ViewPair(NamedTuple):
     def to(self, device: Union[str, torch.device], non_blocking: bool = False) -> ViewPair:
         """The views and elements on ``device`` (elements need not move: the actions move what they need)."""
         return ViewPair(self.x1.to(device, non_blocking=non_blocking), self.x2.to(device, non_blocking=non_blocking), self.g1.to(device), self.g2.to(device))
-
-
-def mocov3_photometric(image_size: int = 224, second: bool = False) -> nn.Module:
-    """MoCo-v3's asymmetric photometric augmentations, batched on the images' device (no geometric part).
-
-    View 1: colour jitter (0.4, 0.4, 0.2, 0.1, p=0.8, random order per image), grayscale p=0.2, Gaussian blur
-    sigma U(0.1, 2) p=1.0. View 2: the same jitter and grayscale, blur p=0.1, solarize p=0.2. Inputs in
-    ``[0, 1]``. The blur kernel is about 10% of the image side (23 px at 224), as in MoCo-v3. All parameters
-    of a batch are drawn in one sampling; no host sync (see :mod:`ser_plugin.photometric`).
-
-    Args:
-        image_size: the image side the kernel is sized for.
-        second: the second view's recipe.
-
-    Returns:
-        A module ``m(x, generator=None)`` mapping ``(B, C, H, W)`` to the same shape.
-    """
-    return BatchedPhotometric("mocov3", second=second, kernel_size=blur_kernel_size("mocov3", image_size))
-
-
-PAIRINGS = ("independent", "no_identity", "authors")
-IMAGE_INTERPOLATIONS = ("bilinear", "bicubic")
 
 
 def _scale_sizes(
@@ -105,9 +83,8 @@ class _RangeGuard:
     """Checks the images reaching the photometrics without a host sync.
 
     Two checks: the ``[0, 1]`` images ``u`` the built-in photometrics get are in ``[0, 1]`` (else they would be
-    clamped: refused), and, when mean/std were given, whether the input ``x`` has a value below the mean (a
-    batch with none is taken as ``[0, 1]`` images, the former convention: a ``FutureWarning``, once). CPU
-    tensors are checked at once (``torch._assert_async``: a CPU read, free). On CUDA the batch's extremes go to pinned host memory with a
+    clamped: refused), and, when mean/std were given, that the input ``x`` has a value below the mean (a batch
+    with none is ``[0, 1]`` images given where normalised ones are expected: refused). CPU tensors are checked at once (``torch._assert_async``: a CPU read, free). On CUDA the batch's extremes go to pinned host memory with a
     non-blocking copy and an event; the check runs when the event has completed, at a later call (or
     :meth:`EquivariantViews.check_pending`), and raises there: a bad batch is refused a step late instead of
     stalling every step.
@@ -117,16 +94,16 @@ class _RangeGuard:
 
     def __init__(self) -> None:
         self.pending: List[Tuple[Any, ...]] = []
-        self.warned = False
 
     def __getstate__(self) -> dict:
         # copies and pickles (EMA / SWA copies, torch.save) start clean: pending checks hold CUDA events
-        return {"pending": [], "warned": self.warned}
+        return {"pending": []}
+
+    def __setstate__(self, state: dict) -> None:
+        self.pending = []
 
     def __deepcopy__(self, memo: dict) -> _RangeGuard:
-        new = _RangeGuard()
-        new.warned = self.warned
-        return new
+        return _RangeGuard()
 
     def __call__(self, u: Optional[Tensor], x: Optional[Tensor]) -> None:
         """``u``: ``[0, 1]`` images for the built-in photometrics (or None); ``x``: the normalised input (or None)."""
@@ -150,9 +127,7 @@ class _RangeGuard:
         if ref.device.type != "cpu":  # other devices: read now (one sync)
             self._raise_if_bad(ext.cpu(), *meta, late=False)
             return
-        ok = (ext[0] >= -self.TOL) & (ext[1] <= 1 + self.TOL)
-        if not self.warned:
-            ok = ok & (ext[2] < 0)
+        ok = (ext[0] >= -self.TOL) & (ext[1] <= 1 + self.TOL) & (ext[2] < 0)
         try:
             torch._assert_async(ok, "views: input out of range")
         except RuntimeError:
@@ -172,16 +147,14 @@ class _RangeGuard:
     def _raise_if_bad(self, ext: Tensor, shape: Tuple[int, ...], normalised: bool, late: bool) -> None:
         lo, hi, xmin = ext.tolist()
         when = " (found asynchronously: a batch given to an earlier call)" if late else ""
-        if normalised and not xmin < 0 and not self.warned:
-            self.warned = True
-            warnings.warn(
-                f"views were given mean/std and a batch {shape} with no value below the mean (min {xmin:.3g} >= 0){when}: "
-                "it was taken as [0, 1] images and only the views were normalised (the convention before mean/std "
-                "meant a normalised input). Pass normalised images ((x - mean) / std: the views de-normalise, augment "
-                "and normalise again), or drop mean=/std= and normalise the views yourself; this fallback will become "
-                "an error.",
-                FutureWarning,
-                stacklevel=6,
+        if normalised and not xmin < 0:
+            self.pending = []
+            raise SERError(
+                f"views were given mean=/std= and a batch {shape} with no value below the mean (min {xmin:.3g} >= 0){when}: "
+                "these look like [0, 1] images, but with mean=/std= the input must be normalised, (x - mean) / std of [0, 1] "
+                "images (the views de-normalise, augment and normalise again). Normalise the batch first "
+                "(ser_plugin.integrations.views_input(x, mean, std) does it for [0, 1] or uint8 crops), or drop mean=/std= "
+                "and normalise the views yourself after ser.views."
             )
         if not (lo >= -self.TOL and hi <= 1 + self.TOL):
             self.pending = []
@@ -214,8 +187,6 @@ def pair_elements(
     Returns:
         ``(g1, g2)``, ``n`` elements each, on ``gen``'s device (the CPU by default), scale ones.
     """
-    if pairing not in PAIRINGS:
-        raise SERError(f"pairing must be one of {PAIRINGS}, got {pairing!r}.")
     dev = gen.device if gen is not None else torch.device("cpu")
     if pairing == "independent":
         return (GroupElement.random(n, rotations, flips, generator=gen),
@@ -313,47 +284,40 @@ class EquivariantViews(nn.Module):
         image_interpolation: str = "bilinear",
     ) -> None:
         super().__init__()
-        if not isinstance(patch_size, int) or patch_size < 1:
-            raise SERError(f"patch_size must be a positive int, got {patch_size!r}.")
-        if scale is not None:
-            if len(scale) != 2 or not all(isinstance(s, (int, float)) and math.isfinite(s) for s in scale) or not (0 < scale[0] <= scale[1]):
-                raise SERError(f"scale must be an area range (lo, hi) with 0 < lo <= hi, got {scale!r}.")
-            if len(ratio) != 2 or not (0 < ratio[0] <= ratio[1]):
-                raise SERError(f"ratio must be (lo, hi) with 0 < lo <= hi, got {ratio!r}.")
-        if pairing not in PAIRINGS:
-            raise SERError(f"pairing must be one of {PAIRINGS}, got {pairing!r}.")
-        if pairing == "no_identity" and not (rotations or flips):
-            raise SERError("pairing='no_identity' needs rotations=True or flips=True: with neither, the identity is the only element.")
-        if pairing == "authors" and not (rotations and flips):
-            raise SERError(f"pairing='authors' draws quarter turns and flips; it needs rotations=True and flips=True (got {rotations}, {flips}).")
-        if image_interpolation not in IMAGE_INTERPOLATIONS:
-            raise SERError(f"image_interpolation must be one of {IMAGE_INTERPOLATIONS}, got {image_interpolation!r}.")
+        own = "EquivariantViews"  # the same checks and messages as SERConfig (ser_plugin.allowed)
+        rotations, flips = A.check_bool("rotations", rotations, own), A.check_bool("flips", flips, own)
+        mean, std = A.check_mean_std(mean, std, own)
+        self._setup(A.check_int("patch_size", patch_size, minimum=1, allowed="a positive int", owner=own), rotations, flips,
+                    A.check_scale(scale, own), A.check_ratio(ratio, own), A.check_photometric(photometric, own), mean, std,
+                    A.check_pairing(pairing, rotations, flips, own), A.check_choice("image_interpolation", image_interpolation, A.IMAGE_INTERPOLATIONS, own))
+
+    @classmethod
+    def from_config(cls, config: Any, patch_size: int) -> EquivariantViews:
+        """The view policy of a validated :class:`~ser_plugin.SERConfig` (its values are not checked again)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        c = config
+        self._setup(int(patch_size), c.rotations, c.flips, c.scale, c.ratio, c.photometric, c.mean, c.std, c.pairing, c.image_interpolation)
+        return self
+
+    def _setup(self, patch_size: int, rotations: bool, flips: bool, scale: Optional[Tuple[float, float]], ratio: Tuple[float, float],
+               photometric: Any, mean: Optional[Tuple[float, ...]], std: Optional[Tuple[float, ...]], pairing: str, image_interpolation: str) -> None:
         self.patch_size = patch_size
-        self.rotations = bool(rotations)
-        self.flips = bool(flips)
-        self.scale = tuple(scale) if scale is not None else None
-        self.ratio = tuple(ratio)
+        self.rotations = rotations
+        self.flips = flips
+        self.scale = scale
+        self.ratio = ratio
         self.pairing = pairing
         self.image_interpolation = image_interpolation
         self._photometric_spec = photometric
         self.p1: Photometric = None
         self.p2: Photometric = None
         if isinstance(photometric, tuple):
-            if len(photometric) != 2 or not all(callable(p) for p in photometric):
-                raise SERError(f"photometric as a tuple must be two callables (p1, p2), got {photometric!r}.")
             self.p1, self.p2 = photometric
-        elif photometric in VARIANTS:
-            self.p1, self.p2 = BatchedPhotometric(photometric, False), BatchedPhotometric(photometric, True)
         elif photometric is not None:
-            raise SERError(f"photometric must be 'mocov3', 'authors', None or a pair of callables, got {photometric!r}.")
-        if (mean is None) != (std is None):
-            raise SERError("give both mean and std for normalisation, or neither.")
-        if mean is not None:
-            m, sd = torch.as_tensor(mean, dtype=torch.float32).flatten(), torch.as_tensor(std, dtype=torch.float32).flatten()
-            if m.shape != sd.shape or not bool((sd > 0).all()):
-                raise SERError(f"mean and std need one entry per channel and std > 0, got mean={mean!r}, std={std!r}.")
-        self.register_buffer("mean", m.view(1, -1, 1, 1) if mean is not None else None, persistent=False)
-        self.register_buffer("std", sd.view(1, -1, 1, 1) if std is not None else None, persistent=False)
+            self.p1, self.p2 = BatchedPhotometric._validated(photometric, False), BatchedPhotometric._validated(photometric, True)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) if mean is not None else None, persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) if std is not None else None, persistent=False)
         self._guard = _RangeGuard()
 
     @property
@@ -386,12 +350,7 @@ class EquivariantViews(nn.Module):
         if self.mean is not None:
             mean = to_device(self.mean, x.device).to(x.dtype)
             std = to_device(self.std, x.device).to(x.dtype)
-        u = x
-        if mean is not None:
-            # normalised input (the convention), or, for a batch without a value below the mean, [0, 1] images
-            # (the former convention, warned about): a device-side choice, no host read
-            legacy = x.detach().amin() >= 0
-            u = torch.where(legacy, x, x * std + mean)
+        u = x if mean is None else x * std + mean  # normalised input -> [0, 1] images for the photometrics
         self._guard(u if self.builtin_photometric else None, x if mean is not None else None)
         if self.p1 is None:
             v1 = v2 = u
@@ -481,8 +440,7 @@ def rescale_pair(pair: ViewPair, patch_size: int, scale: Tuple[float, float] = (
     Returns:
         The rescaled :class:`ViewPair`; its elements include the scales.
     """
-    if mode not in IMAGE_INTERPOLATIONS:
-        raise SERError(f"mode must be one of {IMAGE_INTERPOLATIONS}, got {mode!r}.")
+    mode = A.check_choice("mode", mode, A.IMAGE_INTERPOLATIONS, "rescale_pair")
     h, w = pair.x1.shape[-2:]
     if tuple(pair.x2.shape[-2:]) != (h, w):
         raise SERError(f"rescale_pair needs two views of one size, got {tuple(pair.x1.shape)} and {tuple(pair.x2.shape)}.")

@@ -243,6 +243,8 @@ class ViTDescription:
         patch_size: ``(ph, pw)`` or None if unknown. num_prefix_tokens: [CLS] + registers (0: pooled, no [CLS]), or None.
         width: token width ``C`` or None. in_chans: image channels or None.
         accepts_other_sizes: the model takes inputs of other sizes (needed by scale views).
+        layer: the hooked layer ``L`` resolved once against the depth (``1..depth``; a negative layer counted from the
+            end is stored as its positive number), or None when no layer was given.
     """
 
     blocks: Tuple[nn.Module, ...]
@@ -252,6 +254,7 @@ class ViTDescription:
     width: Optional[int]
     in_chans: Optional[int]
     accepts_other_sizes: bool
+    layer: Optional[int] = None
 
     @property
     def depth(self) -> int:
@@ -263,7 +266,9 @@ class ViTDescription:
                 f"width={self.width}, in_chans={self.in_chans}, other_sizes={self.accepts_other_sizes}")
 
 
-def describe_vit(model: nn.Module, blocks: BlocksArg = None, patch_size: Optional[int] = None, num_prefix_tokens: Optional[int] = None) -> ViTDescription:
+def describe_vit(
+    model: nn.Module, blocks: BlocksArg = None, patch_size: Optional[int] = None, num_prefix_tokens: Optional[int] = None, layer: Optional[int] = None
+) -> ViTDescription:
     """Resolves what SER needs to know about ``model``.
 
     Recognises timm / DINO / DINOv2 (``blocks``, chunked included), torchvision (``encoder.layers``), HF
@@ -275,12 +280,14 @@ def describe_vit(model: nn.Module, blocks: BlocksArg = None, patch_size: Optiona
         blocks: a dotted path (through ``nn.Module.get_submodule``) or the list of block modules.
         patch_size: overrides detection (must agree with a detected patch embedding).
         num_prefix_tokens: overrides the declared [CLS] + register count.
+        layer: the layer to resolve against the depth (see :func:`resolve_layer`), stored as ``layer``.
 
     Returns:
         The :class:`ViTDescription`.
 
     Raises:
-        SERError: DataParallel, a compiled sub-module, blocks that are not whole blocks or not found, a bad override.
+        SERError: DataParallel, a compiled sub-module, blocks that are not whole blocks or not found, a bad override,
+            a layer out of range.
     """
     _refuse_wrappers(model)
     blist, path = _find_blocks(model, blocks)
@@ -294,5 +301,6 @@ def describe_vit(model: nn.Module, blocks: BlocksArg = None, patch_size: Optiona
     if num_prefix_tokens is not None and (isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0):
         raise SERError(f"num_prefix_tokens must be an int >= 0 ([CLS] + register tokens), got {num_prefix_tokens!r}.")
     prefix = declared_prefix_tokens(model) if num_prefix_tokens is None else num_prefix_tokens
-    return ViTDescription(tuple(blist), path, detected, prefix, _width(model), _in_chans(model), _accepts_other_sizes(model))
+    resolved = None if layer is None else resolve_layer(layer, len(blist)) + 1
+    return ViTDescription(tuple(blist), path, detected, prefix, _width(model), _in_chans(model), _accepts_other_sizes(model), resolved)
 

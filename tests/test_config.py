@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ser_plugin import PRESETS, EquivariantViews, SERConfig, SERError, SERLoss, TokenHead, TokenInfoNCE, attach_ser
-from ser_plugin.config import NOT_CONFIG_OPTIONS
+from ser_plugin.config import MODEL_OPTIONS
 
 
 @pytest.fixture
@@ -134,9 +134,9 @@ def test_attach_with_config_and_options_override(tiny_vit):
         attach_ser(tiny_vit, 2, config={"lam": 1.0})
 
 
-def test_not_config_options_are_attach_kwargs():
-    assert set(NOT_CONFIG_OPTIONS) == {"blocks", "patch_size", "num_prefix_tokens", "forward", "preset"}
-    assert not set(NOT_CONFIG_OPTIONS) & set(SERConfig.field_names())
+def test_model_options_are_attach_kwargs():
+    assert set(MODEL_OPTIONS) == {"blocks", "patch_size", "num_prefix_tokens", "forward"}
+    assert not (set(MODEL_OPTIONS) | {"preset"}) & set(SERConfig.field_names())
 
 
 def _maps(n=4, c=8, side=4, seed=0):

@@ -42,3 +42,19 @@ def test_errors():
         equivariance_score(tiny_timm(), torch.rand(2, 3, 32, 16))
     with pytest.raises(SERError, match="out of range"):
         equivariance_score(tiny_timm(depth=2), torch.rand(2, 3, 32, 32), layers=5)
+
+
+def test_score_is_the_protocol_summary_keyed_as_given():
+    """equivariance_score is measure_equivariance's D4 summary (one measurement, two names): same numbers, and
+    the layers keyed as the caller gave them (negative ones counted from the end)."""
+    from ser_plugin.protocol import measure_equivariance
+
+    model, x = tiny_timm(depth=3), torch.rand(3, 3, 32, 32)
+    s = equivariance_score(model, x, layers=[-1, 1])
+    res = measure_equivariance(model, x, scales=(), controls=False, layers=[1, 3])
+    assert sorted(s) == [-1, 1] and res.blocks == [1, 3]
+    for given, block in ((-1, 3), (1, 1)):
+        for key, metric in (("raw", "one_minus_cos"), ("centred", "one_minus_cos_centred")):
+            mean_err = sum(res.errors[e][metric][res.blocks.index(block)] for e in res.errors) / len(res.errors)
+            assert s[given][key] == pytest.approx(1.0 - mean_err, abs=1e-9)
+    assert s[1]["centred"] < 0.999  # an untrained ViT is not equivariant: the check is not vacuous

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from ser_plugin import GroupElement, SERError, act_image, rho
+from ser_plugin import GroupElement, SERError, act_image, protocol, rho
 from ser_plugin.protocol import ELEMENTS, ROTATIONS, map_errors, measure_equivariance, untrained_copy
 
 
@@ -113,7 +113,7 @@ def test_vacuity_guards(toy):
 
 
 @pytest.mark.parametrize("broken", ["identity", "inverse"])
-def test_a_broken_rho_breaks_the_check(toy, broken):
+def test_a_broken_rho_breaks_the_check(toy, broken, monkeypatch):
     model, x = toy
 
     def bad_rho(t, g, size=None, mode="bilinear"):
@@ -122,7 +122,9 @@ def test_a_broken_rho_breaks_the_check(toy, broken):
         inv = GroupElement.from_d4((-g.rot) % 4, g.flip, device=t.device)  # rot^-k instead of rot^k (and flip kept)
         return rho(t, inv, size=size, mode=mode)
 
-    res = measure_equivariance(model, x, scales=(), controls=False, _rho=bad_rho)
+    with monkeypatch.context() as patched:
+        patched.setattr(protocol, "rho", bad_rho)  # the protocol's ρ, replaced for this call only
+        res = measure_equivariance(model, x, scales=(), controls=False)
     # identity ρ: every element is wrong; inverse rotation: rot90 and rot270 are wrong (rot180 and reflections are involutions)
     wrong = D4 if broken == "identity" else ["rot90", "rot270"]
     for name in wrong:

@@ -95,7 +95,7 @@ def test_loader_transform_and_collate():
         (lambda: EquivariantViews(patch_size=0), "patch_size"),
         (lambda: EquivariantViews(scale=(1.3, 0.7)), "scale must be"),
         (lambda: EquivariantViews(photometric="simclr"), "photometric"),
-        (lambda: EquivariantViews(mean=[0.5]), "both mean and std"),
+        (lambda: EquivariantViews(mean=[0.5]), "give both"),
         (lambda: ViewTransform()(torch.rand(1, 3, 8, 8)), r"one image \(C, H, W\)"),
     ],
 )

@@ -4,6 +4,7 @@ mean/std convention (issue 9 class 1), reproducibility with a generator (issue 9
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -132,7 +133,7 @@ def test_image_interpolation_bicubic_without_antialias():
     (dict(pairing="authors", rotations=False), "needs rotations=True and flips=True"),
     (dict(image_interpolation="nearest"), "image_interpolation must be one of"),
     (dict(photometric="simclr"), "photometric must be"),
-    (dict(mean=(0.5, 0.5), std=(0.2,)), "one entry per channel"),
+    (dict(mean=(0.5, 0.5), std=(0.2,)), "one value per channel"),
 ])
 def test_option_errors(kw, match):
     with pytest.raises(SERError, match=match):
@@ -166,16 +167,18 @@ def test_mean_std_means_normalised_input_and_normalised_views():
         assert norm.g1.equals(plain.g1) and norm.g2.equals(plain.g2)
 
 
-def test_mean_std_with_unnormalised_images_falls_back_with_a_warning():
-    """A batch with no value below the mean is taken as [0, 1] images (the former convention: only the views are
-    normalised), with a FutureWarning; statistics that de-normalise out of [0, 1] are refused."""
+def test_mean_std_with_unnormalised_images_is_refused_with_the_fix():
+    """With mean=/std= the input must be normalised: a batch with no value below the mean ([0, 1] images, the form
+    that a FutureWarning announced would become an error) is refused, naming the shape and the fix; statistics that
+    de-normalise out of [0, 1] are refused too. A normalised batch of the same images passes."""
     m, s = torch.tensor(IMNET_MEAN).view(1, 3, 1, 1), torch.tensor(IMNET_STD).view(1, 3, 1, 1)
     x = torch.rand(4, 3, 8, 8)
     views = EquivariantViews(patch_size=4, mean=IMNET_MEAN, std=IMNET_STD)
-    with pytest.warns(FutureWarning, match=r"taken as \[0, 1\] images"):
-        legacy = views(x, generator=torch.Generator().manual_seed(2))
-    plain = EquivariantViews(patch_size=4)(x, generator=torch.Generator().manual_seed(2))
-    assert torch.allclose(legacy.x1, (plain.x1 - m) / s, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning any more: an error
+        with pytest.raises(SERError, match=r"\(4, 3, 8, 8\) with no value below the mean.*views_input\(x, mean, std\)"):
+            views(x)
+    views((x - m) / s)  # the normalised form of the same images is accepted
     with pytest.raises(SERError, match="de-normalised with the given mean/std"):
         views(torch.randn(4, 3, 8, 8) * 10)  # wrong statistics (e.g. 0-255 values normalised with 0-1 stats)
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, Iterator, List, Optional
+from typing import Any, Iterator, Optional
 
 ENV_VAR = "SER_DINO_DIR"
 #: the objective whose recipe (ser_plugin.integrations.HOST_RECIPES) gives this launcher's defaults
@@ -44,12 +44,10 @@ def ser_config(args: Any) -> Any:
     """The :class:`ser_plugin.SERConfig` of a parsed command line: the DINO recipe, then ``--ser-preset``, then the
     ``--ser-*`` flags given. The views are normalised like DINO's crops (ImageNet mean/std) unless
     ``--ser-mean``/``--ser-std`` say otherwise."""
-    from ser_plugin.integrations import IMAGENET_MEAN, IMAGENET_STD, config_from_args, recipe
+    from ser_plugin.integrations import IMAGENET_MEAN, IMAGENET_STD
+    from ser_plugin.integrations.launch import launcher_config
 
-    cfg = config_from_args(args, recipe(RECIPE))
-    if cfg.mean is None:
-        cfg = cfg.replace(mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    return cfg
+    return launcher_config(args, RECIPE, IMAGENET_MEAN, IMAGENET_STD)
 
 
 class SERState:
@@ -69,32 +67,20 @@ STATE: Optional[SERState] = None
 
 def import_dino(path: Optional[str] = None) -> Any:
     """Imports ``main_dino`` (and with it DINO's ``utils`` and ``vision_transformer``) from the user's checkout."""
-    path = path or os.environ.get(ENV_VAR)
-    if not path:
-        raise SystemExit(f"give the DINO checkout: --dino_dir /path/to/dino or {ENV_VAR}=/path/to/dino")
-    path = os.path.abspath(path)
-    if not os.path.isfile(os.path.join(path, "main_dino.py")):
-        raise SystemExit(f"{path} is not a facebookresearch/dino checkout (no main_dino.py)")
-    if path not in sys.path:
-        sys.path.insert(0, path)
+    from ser_plugin.integrations.launch import import_checkout
+
+    import_checkout(path, env_var=ENV_VAR, marker="main_dino.py", flag="--dino_dir", repo="facebookresearch/dino")
     import main_dino
 
     return main_dino
 
 
 def augmentation_with_base(base_cls: type, size: int = 224) -> type:
-    """Subclass of ``DataAugmentationDINO`` returning ``crops + [base_uint8]``."""
-    from ser_plugin.integrations import BaseCrop
+    """Subclass of ``DataAugmentationDINO`` returning ``crops + [base_uint8]`` (the base crop uses DINO's
+    ``global_crops_scale``)."""
+    from ser_plugin.integrations.launch import with_base_crop
 
-    class DataAugmentationDINOWithBase(base_cls):  # type: ignore[misc, valid-type]
-        def __init__(self, global_crops_scale: Any, local_crops_scale: Any, local_crops_number: int) -> None:
-            super().__init__(global_crops_scale, local_crops_scale, local_crops_number)
-            self.base_crop = BaseCrop(size, tuple(global_crops_scale))
-
-        def __call__(self, image: Any) -> List[Any]:
-            return list(super().__call__(image)) + [self.base_crop(image)]
-
-    return DataAugmentationDINOWithBase
+    return with_base_crop(base_cls, size, scale_arg="global_crops_scale")
 
 
 def params_groups_with_ser(orig: Any, state: SERState) -> Any:
@@ -136,15 +122,13 @@ class SERBatches:
         return getattr(self.loader, name)
 
     def __iter__(self) -> Iterator[Any]:
-        from ser_plugin.integrations import b2_count, replace_rows, views_input
+        from ser_plugin.integrations import replace_rows
+        from ser_plugin.integrations.launch import b2_views_of_batch
 
         ser = self.state.ser
         for images, target in self.loader:
-            images = list(images)
-            base = images.pop()
-            n = b2_count(base.shape[0], self.state.cfg.b2_share)
             device = next(ser.model.parameters()).device
-            pair = ser.views(views_input(base[-n:].to(device, non_blocking=True), ser.config.mean, ser.config.std))
+            images, pair = b2_views_of_batch(images, ser, device)
             images[0] = replace_rows(images[0].to(device, non_blocking=True), pair.x1)
             images[1] = replace_rows(images[1].to(device, non_blocking=True), pair.x2)
             self.state.pair = pair

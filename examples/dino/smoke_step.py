@@ -12,59 +12,22 @@ tiny generated images with 2 global and 2 local crops. ``.cuda``/``cuda.synchron
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))  # examples/: the smoke steps' shared helpers
+import _smoke  # noqa: E402
 import main_dino_ser as adapter  # noqa: E402
 
 
-class _Images(torch.utils.data.Dataset):
-    def __init__(self, n: int, size: int, transform, seed: int = 0) -> None:  # noqa: ANN001
-        from PIL import Image
-
-        rng = np.random.default_rng(seed)
-        self.images = [Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")) for _ in range(n)]
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int):
-        return self.transform(self.images[i]), 0
-
-
-def _block_grad_norms(term: torch.Tensor, blocks) -> list:  # noqa: ANN001
-    params = [p for b in blocks for p in b.parameters()]
-    grads = torch.autograd.grad(term, params, allow_unused=True, retain_graph=True)
-    out, i = [], 0
-    for b in blocks:
-        k = len(list(b.parameters()))
-        out.append(float(sum(float(g.norm()) ** 2 for g in grads[i : i + k] if g is not None) ** 0.5))
-        i += k
-    return out
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--layer", type=int, default=2)
-    ap.add_argument("--head", action="store_true")
-    ap.add_argument("--late-cls", action="store_true")
-    ap.add_argument("--world-size", type=int, default=1, help="> 1: that many gloo processes (DDP and SER's gather)")
-    opts = ap.parse_args()
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(30500 + os.getpid() % 1000))
-    if opts.world_size > 1:
-        torch.multiprocessing.spawn(run, args=(opts,), nprocs=opts.world_size)
-    else:
-        run(0, opts)
+    _smoke.main(run, port_base=30500)
 
 
 def run(rank: int, opts: argparse.Namespace) -> None:
@@ -114,7 +77,7 @@ def run(rank: int, opts: argparse.Namespace) -> None:
     from ser_plugin.integrations import BaseCrop
 
     aug.base_crop = BaseCrop(32, (0.5, 1.0))
-    data = torch.utils.data.DataLoader(_Images(8, 48, aug, seed=rank), batch_size=8, drop_last=True)
+    data = torch.utils.data.DataLoader(_smoke.Images(8, 48, aug, seed=rank), batch_size=8, drop_last=True)
     lr = utils.cosine_scheduler(5e-4, 1e-6, 1, len(data))
     wd = utils.cosine_scheduler(0.04, 0.4, 1, len(data))
     mom = utils.cosine_scheduler(0.996, 1, 1, len(data))
@@ -125,20 +88,7 @@ def run(rank: int, opts: argparse.Namespace) -> None:
     head_in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]} >= {id(p) for p in ser.parameters()}
     head_moved = [bool((a != b.detach()).any()) for a, b in zip(head_before, ser.parameters())]
     if opts.world_size > 1:  # DDP over gloo: every rank must end the step with the same weights, SER's included
-        flat = torch.cat([p.detach().flatten() for p in list(student.module.parameters()) + list(ser.parameters())])
-        every = [torch.zeros_like(flat) for _ in range(opts.world_size)]
-        dist.all_gather(every, flat)
-        losses = [torch.zeros(1) for _ in range(opts.world_size)]
-        dist.all_gather(losses, torch.tensor([ser_loss]))
-        if rank == 0:
-            print("SER_REPORT " + json.dumps({
-                "world_size": opts.world_size,
-                "max_param_diff_across_ranks": max(float((f - every[0]).abs().max()) for f in every),
-                "ser_losses_per_rank": [float(v) for v in losses],
-                "ser_params": sum(p.numel() for p in ser.parameters()),
-                "ser_params_updated": all(head_moved) if head_moved else None,
-            }))
-        dist.destroy_process_group()
+        _smoke.report_ranks(rank, opts.world_size, list(student.module.parameters()) + list(ser.parameters()), ser, ser_loss, head_moved)
         return
 
     # the SER term's own gradient, on a fresh batch through the adapter's loader and loss wrappers
@@ -150,7 +100,7 @@ def run(rank: int, opts: argparse.Namespace) -> None:
     torch.manual_seed(1)
     s_out = student(images)
     loss1 = wrapped(s_out, t_out, 0)
-    norms = _block_grad_norms(state.last_ser_term, list(student.module.backbone.blocks))
+    norms = _smoke.block_grad_norms(state.last_ser_term, list(student.module.backbone.blocks))
     # lambda = 0: the adapter's loss equals the host's loss of an unmodified student with the same weights
     dino_loss.center.copy_(center)
     ser.lam = 0.0
@@ -169,9 +119,6 @@ def run(rank: int, opts: argparse.Namespace) -> None:
     l_plain = float(dino_loss(plain(images), t_out, 0))
     ser.lam = 0.3
 
-    def n_capture_hooks(blocks) -> int:  # noqa: ANN001
-        return sum(type(h).__name__ == "_CaptureHook" for b in blocks for h in b._forward_hooks.values())
-
     report = {
         "step_loss": stats["loss"],
         "ser_loss": ser_loss,
@@ -179,9 +126,9 @@ def run(rank: int, opts: argparse.Namespace) -> None:
         "layer": opts.layer,
         "depth": depth,
         "ser_grad_norms": norms,
-        "online_hook_blocks": [i + 1 for i, b in enumerate(student.module.backbone.blocks) if n_capture_hooks([b])],
-        "online_capture_hooks": n_capture_hooks(student.module.backbone.blocks),
-        "momentum_capture_hooks": n_capture_hooks(teacher.backbone.blocks),
+        "online_hook_blocks": [i + 1 for i, b in enumerate(student.module.backbone.blocks) if _smoke.capture_hooks([b])],
+        "online_capture_hooks": _smoke.capture_hooks(student.module.backbone.blocks),
+        "momentum_capture_hooks": _smoke.capture_hooks(teacher.backbone.blocks),
         "momentum_has_ser_params": len(teacher.state_dict()) != len(student.module.state_dict()),
         "ser_params": sum(p.numel() for p in ser.parameters()),
         "ser_params_in_optimizer": bool(head_in_opt),
@@ -194,7 +141,7 @@ def run(rank: int, opts: argparse.Namespace) -> None:
         "cli_ok": cli_ok,
     }
     dist.destroy_process_group()
-    print("SER_REPORT " + json.dumps(report))
+    _smoke.report(report)
 
 
 if __name__ == "__main__":

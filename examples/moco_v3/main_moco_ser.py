@@ -55,22 +55,18 @@ def ser_config(args: Any) -> Any:
     the ``--ser-*`` flags given. The views are normalised like MoCo-v3's crops (ImageNet mean/std) unless
     ``--ser-mean``/``--ser-std`` say otherwise."""
     _, integ = _ser()
-    cfg = integ.config_from_args(args, integ.recipe(RECIPE))
-    if cfg.mean is None:
-        cfg = cfg.replace(mean=integ.IMAGENET_MEAN, std=integ.IMAGENET_STD)
-    return cfg
+    return launch().launcher_config(args, RECIPE, integ.IMAGENET_MEAN, integ.IMAGENET_STD)
+
+
+def launch() -> Any:
+    import ser_plugin.integrations.launch as launch_mod
+
+    return launch_mod
 
 
 def import_mocov3(path: Optional[str] = None) -> Tuple[Any, Any, Any]:
     """Imports ``main_moco``, ``moco.builder`` and ``moco.loader`` from the user's checkout."""
-    path = path or os.environ.get(ENV_VAR)
-    if not path:
-        raise SystemExit(f"give the MoCo-v3 checkout: --moco-dir /path/to/moco-v3 or {ENV_VAR}=/path/to/moco-v3")
-    path = os.path.abspath(path)
-    if not os.path.isfile(os.path.join(path, "main_moco.py")):
-        raise SystemExit(f"{path} is not a facebookresearch/moco-v3 checkout (no main_moco.py)")
-    if path not in sys.path:
-        sys.path.insert(0, path)
+    launch().import_checkout(path, env_var=ENV_VAR, marker="main_moco.py", flag="--moco-dir", repo="facebookresearch/moco-v3")
     import timm
 
     major, minor = (int(v) for v in timm.__version__.split(".")[:2])
@@ -97,7 +93,6 @@ def ser_moco_class(base: type, cfg: Any) -> type:
             self.ser = ser_plugin.attach_ser(self.base_encoder, config=cfg)
             # the momentum encoder is an EMA of the online one: same architecture, so late [CLS] there too (no hook)
             self.momentum_late_cls = ser_plugin.convert_late_cls(self.momentum_encoder, self.ser.layer) if cfg.late_cls else None
-            self.ser_share = cfg.b2_share
             self.ser_pair = None  # set by the loader wrapper before every step
             self.last_host_loss = None
             self.last_ser_term = None
@@ -123,21 +118,6 @@ def ser_moco_class(base: type, cfg: Any) -> type:
     return MoCoSER
 
 
-def two_crops_with_base(base_cls: type, size: int, crop_min: float) -> type:
-    """Subclass of ``moco.loader.TwoCropsTransform`` returning ``[view1, view2, base_uint8]``."""
-    _, integ = _ser()
-
-    class TwoCropsWithBase(base_cls):  # type: ignore[misc, valid-type]
-        def __init__(self, t1: Any, t2: Any) -> None:
-            super().__init__(t1, t2)
-            self.base_crop = integ.BaseCrop(size, (crop_min, 1.0))
-
-        def __call__(self, x: Any) -> Any:
-            return list(super().__call__(x)) + [self.base_crop(x)]
-
-    return TwoCropsWithBase
-
-
 class SERBatches:
     """Wraps the training loader: strips the base crops and draws this step's b2 views on the model's device."""
 
@@ -148,14 +128,9 @@ class SERBatches:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[Any]:
-        _, integ = _ser()
         core = self.model.module if hasattr(self.model, "module") else self.model
         for images, target in self.loader:
-            images = list(images)
-            base = images.pop()
-            n = integ.b2_count(base.shape[0], core.ser_share)
-            device = next(core.base_encoder.parameters()).device
-            core.ser_pair = core.ser.views(integ.views_input(base[-n:].to(device, non_blocking=True), core.ser.config.mean, core.ser.config.std))
+            images, core.ser_pair = launch().b2_views_of_batch(images, core.ser, next(core.base_encoder.parameters()).device)
             yield images, target
 
 
@@ -166,7 +141,7 @@ def install(args: Any) -> None:
         return
     cfg = ser_config(args)
     builder.MoCo_ViT = ser_moco_class(builder.MoCo_ViT, cfg)
-    loader.TwoCropsTransform = two_crops_with_base(loader.TwoCropsTransform, 224, args.crop_min)  # main_moco crops 224
+    loader.TwoCropsTransform = launch().with_base_crop(loader.TwoCropsTransform, 224, (args.crop_min, 1.0))  # main_moco crops 224
     orig_train = main_moco.train
 
     def train(train_loader, model, *rest):  # noqa: ANN001

@@ -15,49 +15,23 @@ loss calls ``.cuda()``). Then it measures, on a fresh batch:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 from functools import partial
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))  # examples/: the smoke steps' shared helpers
+import _smoke  # noqa: E402
 import main_moco_ser as adapter  # noqa: E402
 
 
-class _Images(torch.utils.data.Dataset):
-    def __init__(self, n: int, size: int, transform, seed: int = 0) -> None:  # noqa: ANN001
-        from PIL import Image
-
-        rng = np.random.default_rng(seed)
-        self.images = [Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")) for _ in range(n)]
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int):
-        return self.transform(self.images[i]), 0
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--layer", type=int, default=2)
-    ap.add_argument("--head", action="store_true")
-    ap.add_argument("--late-cls", action="store_true")
-    ap.add_argument("--world-size", type=int, default=1, help="> 1: that many gloo processes (DDP and SER's gather)")
-    opts = ap.parse_args()
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    if opts.world_size > 1:
-        torch.multiprocessing.spawn(run, args=(opts,), nprocs=opts.world_size)
-    else:
-        run(0, opts)
+    _smoke.main(run, port_base=29500)
 
 
 def run(rank: int, opts: argparse.Namespace) -> None:
@@ -92,7 +66,7 @@ def run(rank: int, opts: argparse.Namespace) -> None:
     aug = [transforms.RandomResizedCrop(size, scale=(0.5, 1.0)), transforms.ToTensor(), transforms.Normalize(adapter._ser()[1].IMAGENET_MEAN, adapter._ser()[1].IMAGENET_STD)]
     two = loader.TwoCropsTransform(transforms.Compose(aug), transforms.Compose(aug))
     two.base_crop = adapter._ser()[1].BaseCrop(size, (0.5, 1.0))
-    data = torch.utils.data.DataLoader(_Images(8, 48, two, seed=rank), batch_size=8, drop_last=True)
+    data = torch.utils.data.DataLoader(_smoke.Images(8, 48, two, seed=rank), batch_size=8, drop_last=True)
     optimizer = moco.optimizer.LARS(ddp.parameters(), 1e-3, weight_decay=1e-6, momentum=0.9)  # as main_worker
     scaler = torch.cuda.amp.GradScaler(enabled=False)
     head_before = [p.detach().clone() for p in model.ser.parameters()]
@@ -107,20 +81,8 @@ def run(rank: int, opts: argparse.Namespace) -> None:
     head_in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]} >= {id(p) for p in model.ser.parameters()}
     head_moved = [bool((a != b.detach()).any()) for a, b in zip(head_before, model.ser.parameters())]
     if opts.world_size > 1:  # DDP over gloo: every rank must end the step with the same weights, SER's included
-        flat = torch.cat([p.detach().flatten() for p in list(model.base_encoder.parameters()) + list(model.predictor.parameters()) + list(model.ser.parameters())])
-        every = [torch.zeros_like(flat) for _ in range(opts.world_size)]
-        dist.all_gather(every, flat)
-        losses = [torch.zeros(1) for _ in range(opts.world_size)]
-        dist.all_gather(losses, torch.tensor([ser_loss]))
-        if rank == 0:
-            print("SER_REPORT " + json.dumps({
-                "world_size": opts.world_size,
-                "max_param_diff_across_ranks": max(float((f - every[0]).abs().max()) for f in every),
-                "ser_losses_per_rank": [float(v) for v in losses],
-                "ser_params": sum(p.numel() for p in model.ser.parameters()),
-                "ser_params_updated": all(head_moved) if head_moved else None,
-            }))
-        dist.destroy_process_group()
+        params = list(model.base_encoder.parameters()) + list(model.predictor.parameters()) + list(model.ser.parameters())
+        _smoke.report_ranks(rank, opts.world_size, params, model.ser, ser_loss, head_moved)
         return
 
     # SER term's own gradient on a fresh batch
@@ -129,13 +91,7 @@ def run(rank: int, opts: argparse.Namespace) -> None:
     pair = model.ser_pair
     model.zero_grad(set_to_none=True)
     loss = model(x1, x2, 0.99)
-    blocks = list(model.base_encoder.blocks)
-    grads = torch.autograd.grad(model.last_ser_term, [p for b in blocks for p in b.parameters()], allow_unused=True, retain_graph=True)
-    norms, i = [], 0
-    for b in blocks:
-        k = len(list(b.parameters()))
-        norms.append(float(sum((g.norm() ** 2 if g is not None else torch.tensor(0.0)) for g in grads[i : i + k]) ** 0.5))
-        i += k
+    norms = _smoke.block_grad_norms(model.last_ser_term, list(model.base_encoder.blocks))
 
     # lambda = 0: the adapter's loss equals the unmodified host's loss on the same inputs and weights
     cfg0 = adapter.ser_config(args).replace(lam=0.0)
@@ -163,9 +119,9 @@ def run(rank: int, opts: argparse.Namespace) -> None:
         "layer": opts.layer,
         "depth": depth,
         "ser_grad_norms": norms,
-        "online_hook_blocks": [i + 1 for i, b in enumerate(model.base_encoder.blocks) if any(type(h).__name__ == "_CaptureHook" for h in b._forward_hooks.values())],
-        "momentum_capture_hooks": sum(type(h).__name__ == "_CaptureHook" for b in model.momentum_encoder.blocks for h in b._forward_hooks.values()),
-        "online_capture_hooks": sum(type(h).__name__ == "_CaptureHook" for b in model.base_encoder.blocks for h in b._forward_hooks.values()),
+        "online_hook_blocks": [i + 1 for i, b in enumerate(model.base_encoder.blocks) if _smoke.capture_hooks([b])],
+        "momentum_capture_hooks": _smoke.capture_hooks(model.momentum_encoder.blocks),
+        "online_capture_hooks": _smoke.capture_hooks(model.base_encoder.blocks),
         "momentum_has_ser_params": any(n.startswith("momentum_encoder.") and "ser" in n for n, _ in model.named_parameters()),
         "ser_params": sum(p.numel() for p in model.ser.parameters()),
         "ser_params_in_optimizer": bool(head_in_opt),
@@ -178,7 +134,7 @@ def run(rank: int, opts: argparse.Namespace) -> None:
         "cli_ok": cli_ok,
     }
     dist.destroy_process_group()
-    print("SER_REPORT " + json.dumps(report))
+    _smoke.report(report)
 
 
 if __name__ == "__main__":

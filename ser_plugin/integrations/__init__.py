@@ -37,7 +37,6 @@ __all__ = [
     "replace_rows",
     "loss_from_maps",
     "BaseCrop",
-    "base_to_float",
     "views_input",
     "average_grads_across_ranks",
     "b2_maps",
@@ -56,9 +55,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def b2_count(batch_size: int, share: float, minimum: int = 2) -> int:
-    """``|b2|`` for a (per-process) batch: ``round(share · batch_size)``, at least ``minimum`` (the loss needs
-    another image for negatives), at most ``batch_size``.
+def b2_count(batch_size: int, share: float) -> int:
+    """``|b2|`` for a (per-process) batch: ``round(share · batch_size)``, at least 2 (the loss needs another image
+    for negatives), at most ``batch_size``.
 
     Example:
         >>> b2_count(256, 0.01), b2_count(8, 0.25)
@@ -66,9 +65,9 @@ def b2_count(batch_size: int, share: float, minimum: int = 2) -> int:
     """
     if not (0 < share <= 1):
         raise SERError(f"the b2 share must be in (0, 1], got {share!r} (paper: 0.01 at batch 4096; use 0.1-0.25 for small batches).")
-    if batch_size < minimum:
-        raise SERError(f"a batch of {batch_size} images cannot hold a b2 of {minimum} images; use a larger batch.")
-    return int(min(batch_size, max(minimum, round(share * batch_size))))
+    if batch_size < 2:
+        raise SERError(f"a batch of {batch_size} images cannot hold a b2 of 2 images; use a larger batch.")
+    return int(min(batch_size, max(2, round(share * batch_size))))
 
 
 def replace_rows(x: Tensor, rows: Tensor) -> Tensor:
@@ -175,7 +174,7 @@ class BaseCrop:
         return f"BaseCrop(size={self.size}, scale={self.scale})"
 
 
-def base_to_float(base: Tensor) -> Tensor:
+def _base_to_float(base: Tensor) -> Tensor:
     """``uint8`` crops from :class:`BaseCrop` → float images in ``[0, 1]``."""
     return base.float().div_(255) if base.dtype == torch.uint8 else base.float()
 
@@ -188,7 +187,7 @@ def views_input(base: Tensor, mean: Optional[Sequence[float]] = None, std: Optio
     Example:
         >>> pair = ser.views(views_input(base[-n:], ser.config.mean, ser.config.std))  # doctest: +SKIP
     """
-    x = base_to_float(base)
+    x = _base_to_float(base)
     if mean is None or std is None:
         return x
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)

@@ -51,8 +51,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..attach import SER, attach_ser, build_config
-from ..config import NOT_CONFIG_OPTIONS, SERConfig
+from ..attach import SER, attach_ser
+from ..config import MODEL_OPTIONS, SERConfig, resolve_config
 from ..errors import SERError
 from ..late_cls import convert_late_cls
 from ..views import ViewPair
@@ -165,8 +165,9 @@ class SERCallback(Callback):
 
     Args:
         layer: ``L`` — the token map after the first ``L`` blocks of the backbone (or ``config.layer``).
-        config: a :class:`~ser_plugin.SERConfig`; ``options`` override its fields. Its ``b2_share`` is the share
-            of each (per-process) batch that gets equivariant views (at least 2 images).
+        config: a :class:`~ser_plugin.SERConfig`, the base; ``preset`` and then ``options`` override it, as in
+            :func:`~ser_plugin.attach_ser`. Its ``b2_share`` is the share of each (per-process) batch that gets
+            equivariant views (at least 2 images).
         backbone: dotted path of the **online** ViT on the LightningModule (``"backbone"``, ``"student.vit"``).
         images: ``batch -> (B, C, H, W)`` images the b2 rows are taken from (the last ``|b2|`` rows). In
             ``[0, 1]`` when the photometric part is on (the default); with ``photometric=None`` any
@@ -207,9 +208,9 @@ class SERCallback(Callback):
         **options: Any,
     ) -> None:
         super().__init__()
-        self.attach_options = {k: options.pop(k) for k in list(options) if k in NOT_CONFIG_OPTIONS and k != "preset"}
+        self.attach_options = {k: options.pop(k) for k in list(options) if k in MODEL_OPTIONS}
         preset = options.pop("preset", None)
-        self.config: SERConfig = build_config(layer, config, preset, options, caller="SERCallback")
+        self.config: SERConfig = resolve_config(config, preset, options, layer=layer, require_layer=True)
         self.backbone = backbone
         self.images = images or first_image_batch
         self.inject, self.concatenated = inject, concatenated
@@ -228,11 +229,6 @@ class SERCallback(Callback):
     @property
     def b2_share(self) -> float:
         return self.config.b2_share
-
-    @staticmethod
-    def parameters_for(module: nn.Module) -> List[nn.Parameter]:
-        """Same as :func:`ser_parameters`."""
-        return ser_parameters(module)
 
     @property
     def state_key(self) -> str:

@@ -6,8 +6,9 @@ Every option has the same name everywhere: the :class:`~ser_plugin.SERConfig` fi
 ``ser.lam`` in a Hydra/OmegaConf config (``++ser.lam=0.5`` on solo-learn's command line). The flags and the
 structured config are generated from the dataclass, so a new field appears in both without editing this file.
 
-Precedence, in every launcher: the host's recipe (:data:`HOST_RECIPES`), then ``preset`` if given, then each
-option given explicitly.
+Precedence, in every launcher and every other entry point (:func:`~ser_plugin.config.resolve_config`): the host's
+recipe (:data:`HOST_RECIPES`, the recipe entries of the one registry :data:`~ser_plugin.PRESETS`), then ``preset``
+if given, then each option given explicitly; the errors are the same as ``attach_ser``'s.
 
 Example:
     >>> import argparse
@@ -26,7 +27,7 @@ import re
 import typing
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
-from ..config import PRESETS, SERConfig
+from ..config import HOST_RECIPES, PRESETS, SERConfig, resolve_config
 from ..errors import SERError
 
 __all__ = [
@@ -39,34 +40,21 @@ __all__ = [
     "config_from_structured",
 ]
 
-#: The SSL objectives' own SER settings, stated once (docs/method.md §10). The official launchers start from
-#: their objective's recipe; solo-learn picks the recipe of ``cfg.method`` when there is one.
-#: layer 3: the paper's best top-1 on a 12-block ViT-S/16 (block 3 of 12). lam/tau: the paper's τ (0.3 for
-#: MoCo-v3 and Barlow Twins, 0.5 for DINO) and the released code's λ (1.0, 0.3 for DINO). b2_share 0.01: the
-#: paper's 1 % of the batch, meant for the large global batches (1024-4096) of these recipes.
-HOST_RECIPES: Dict[str, Dict[str, Any]] = {
-    "mocov3": {"layer": 3, "lam": 1.0, "tau": 0.3, "b2_share": 0.01},
-    "dino": {"layer": 3, "lam": 0.3, "tau": 0.5, "b2_share": 0.01},
-    "barlow_twins": {"layer": 3, "lam": 1.0, "tau": 0.3, "b2_share": 0.01},
-}
-
-
 def recipe(name: Optional[str] = None, **overrides: Any) -> SERConfig:
     """The :class:`~ser_plugin.SERConfig` of an objective's recipe (``None``: the library defaults).
 
     Args:
-        name: a key of :data:`HOST_RECIPES` (``"mocov3"``, ``"dino"``, ``"barlow_twins"``) or ``None``.
+        name: a key of :data:`HOST_RECIPES` (``"mocov3"``, ``"dino"``, ``"barlow_twins"``; any name of the
+            one registry :data:`~ser_plugin.PRESETS` works) or ``None``.
         **overrides: fields applied on top.
 
     Returns:
-        A validated SERConfig.
+        A validated SERConfig (:func:`~ser_plugin.config.resolve_config` with ``base=name``).
 
     Raises:
         SERError: an unknown recipe or option.
     """
-    if name is not None and name not in HOST_RECIPES:
-        raise SERError(f"no SER recipe named {name!r}; available: {', '.join(sorted(HOST_RECIPES))} (or None for the library defaults).")
-    return SERConfig.from_kwargs(**{**(HOST_RECIPES[name] if name else {}), **overrides})
+    return resolve_config(name, None, overrides)
 
 
 # ---------------------------------------------------------------------------------------------------- types
@@ -155,7 +143,7 @@ def _photometric(text: str) -> Optional[str]:
 def add_ser_args(
     parser: argparse.ArgumentParser,
     *,
-    base: Optional[SERConfig] = None,
+    base: Union[None, str, SERConfig] = None,
     exclude: Iterable[str] = (),
     title: str = "SER (soft equivariance regularization; docs/method.md)",
 ) -> argparse._ArgumentGroup:
@@ -176,11 +164,11 @@ def add_ser_args(
     Returns:
         The argument group.
     """
-    base = base if base is not None else SERConfig()
+    base = resolve_config(base)
     hints, docs, skip = _hints(), _docs(), set(exclude)
     group = parser.add_argument_group(title)
     group.add_argument(
-        "--ser-preset", dest="ser_preset", default=argparse.SUPPRESS, choices=sorted(PRESETS),
+        "--ser-preset", dest="ser_preset", default=argparse.SUPPRESS, metavar="{" + ",".join(sorted(PRESETS)) + "}",
         help="a named preset applied on top of the recipe, below explicit flags (authors: the SER authors' choices).",
     )
     for f in dataclasses.fields(SERConfig):
@@ -223,26 +211,23 @@ def _from_cli_value(value: Any) -> Any:
     return value
 
 
-def config_from_args(args: Union[argparse.Namespace, Mapping[str, Any]], base: Optional[SERConfig] = None) -> SERConfig:
-    """The :class:`~ser_plugin.SERConfig` of a parsed command line: ``base`` → ``--ser-preset`` → the flags given.
+def config_from_args(args: Union[argparse.Namespace, Mapping[str, Any]], base: Union[None, str, SERConfig] = None) -> SERConfig:
+    """The :class:`~ser_plugin.SERConfig` of a parsed command line: ``base`` → ``--ser-preset`` → the flags given
+    (:func:`~ser_plugin.config.resolve_config`; a ``ser_*`` entry that names no field is refused like a typo).
 
     Args:
         args: the namespace from a parser with :func:`add_ser_args` flags (or a mapping of its ``ser_*`` entries).
-        base: the launcher's recipe; ``SERConfig()`` when ``None``.
+        base: the launcher's recipe (a SERConfig or a name in :data:`~ser_plugin.PRESETS`); ``SERConfig()`` when ``None``.
 
     Returns:
         A validated SERConfig.
 
     Raises:
-        SERError: a bad value (the message names the field, the value and what is allowed).
+        SERError: an unknown option or preset, a bad value (the message names the field, the value and what is allowed).
     """
     values = dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args)
-    cfg = base if base is not None else SERConfig()
-    preset = values.get("ser_preset")
-    if preset is not None:
-        cfg = cfg.replace(**PRESETS[preset])
-    given = {f.name: _from_cli_value(values[_dest(f.name)]) for f in dataclasses.fields(SERConfig) if _dest(f.name) in values}
-    return cfg.replace(**given) if given else cfg
+    given = {k[len("ser_"):]: _from_cli_value(v) for k, v in values.items() if k.startswith("ser_") and k != "ser_preset"}
+    return resolve_config(base, values.get("ser_preset"), given)
 
 
 # ---------------------------------------------------------------------------------------------------- OmegaConf
@@ -311,15 +296,16 @@ def structured(base: Optional[SERConfig] = None) -> Any:
     return SERStructuredConfig(**{f.name: _structured_default(getattr(base, f.name)) for f in dataclasses.fields(SERConfig) if not f.name.startswith("_")})
 
 
-def config_from_structured(node: Any, base: Optional[SERConfig] = None) -> SERConfig:
+def config_from_structured(node: Any, base: Union[None, str, SERConfig] = None) -> SERConfig:
     """The :class:`~ser_plugin.SERConfig` of a ``ser:`` config node: ``base`` → ``preset`` → the keys the node sets.
 
-    The node is first merged into the structured schema, so OmegaConf rejects unknown keys and values of
-    the wrong type (``++ser.lam=abc``) with its own message; then SERConfig validates the values.
+    Unknown keys and bad values get the same :class:`~ser_plugin.SERError` as every other entry point
+    (:func:`~ser_plugin.config.resolve_config`); a node composed by Hydra against :data:`SERStructuredConfig`
+    has its types checked by Hydra first.
 
     Args:
         node: a DictConfig / dict (e.g. solo-learn's ``cfg.ser``); ``None`` or empty for just ``base``.
-        base: the launcher's recipe; ``SERConfig()`` when ``None``.
+        base: the launcher's recipe (a SERConfig or a name in :data:`~ser_plugin.PRESETS`); ``SERConfig()`` when ``None``.
 
     Returns:
         A validated SERConfig.
@@ -327,28 +313,14 @@ def config_from_structured(node: Any, base: Optional[SERConfig] = None) -> SERCo
     Raises:
         SERError: an unknown key or a bad value.
     """
-    base = base if base is not None else SERConfig()
     if node is None:
-        return base
+        return resolve_config(base)
     try:
         from omegaconf import OmegaConf
-        from omegaconf.errors import OmegaConfBaseException
-    except ImportError:  # plain dicts work without OmegaConf (no type check before SERConfig's)
+    except ImportError:  # plain dicts work without OmegaConf
         raw = dict(node)
     else:
         raw = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
-        try:
-            OmegaConf.merge(OmegaConf.structured(structured(base)), OmegaConf.create(raw))
-        except OmegaConfBaseException as err:
-            names = ", ".join(["preset"] + [f.name for f in dataclasses.fields(SERConfig)])
-            raise SERError(f"bad ser.* config: {str(err).splitlines()[0]}. Valid keys: {names}.") from None
-    SERConfig.check_names([k for k in raw if k != "preset"])
-    cfg = base
     preset = raw.pop("preset", None)
-    if preset is not None:
-        if preset not in PRESETS:
-            raise SERError(f"unknown preset {preset!r}; available: {', '.join(sorted(PRESETS))}.")
-        cfg = cfg.replace(**PRESETS[preset])
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
-    return cfg.replace(**given) if given else cfg
-
+    return resolve_config(base, preset, given)
