@@ -116,7 +116,8 @@ def test_every_docs_page_is_in_the_nav():
     assert len(integrations) == 10, integrations
 
 
-API_MODULES = ["ser_plugin", "ser_plugin.integrations", "ser_plugin.integrations.lightning", "ser_plugin.protocol"]
+API_MODULES = ["ser_plugin", "ser_plugin.integrations", "ser_plugin.integrations.launch", "ser_plugin.integrations.lightning",
+               "ser_plugin.protocol"]
 
 
 def test_api_reference_covers_every_public_name():
