@@ -62,7 +62,7 @@ bench: setup
 	$(PY) benchmarks/run_all.py $(ARGS)
 
 study: setup
-	$(PY) benchmarks/study.py $(ARGS)
+	$(PY) study/sensitivity.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis demo_out $(SITE) $(DIST) build ser_plugin.egg-info

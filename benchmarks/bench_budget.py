@@ -1,6 +1,6 @@
 """Benchmark 2 (equivariance side): does the negative budget keep SER's equivariance gain?
 
-A small side-by-side check, not the study (``benchmarks/study.py`` owns the full one): a tiny timm ViT
+A small side-by-side check, not the study (``study/`` holds the full one): a tiny timm ViT
 (16 px digits from scikit-learn, patch 2 -> 64 tokens, dim 64, depth 4) trained with a SimCLR-style host
 loss, three arms with the same seed, data order and views: no SER (``lam=0``: same views, no L_equiv),
 SER with all negatives, and SER with ``max_negatives`` (a shared random subset of key tokens per

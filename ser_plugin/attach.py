@@ -171,19 +171,44 @@ class SER(nn.Module):
     def loss(self, pair: Optional[ViewPair] = None, *, g: Optional[Any] = None, keys: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
         """``λ·L_equiv`` from the two captured view maps (consumed). Checks that they ran on ``pair.x1``/``pair.x2``.
 
+        A pair of no images (a rank without b2 images this step) gives an exact zero that still joins the other
+        ranks' collectives, from its captured empty maps or, when its passes were skipped, from none.
+
         Args:
             pair: the :class:`ViewPair` the captured passes ran on. g: its relative elements instead (no pairing check).
             keys: optional teacher maps ``(k1, k2)`` of the same views as no-grad keys.
         """
+        blocks = len(set(self._live().record_blocks))
         records, inputs = self._live().take()
         if pair is None and g is None:
             raise SERError("ser.loss() needs the ViewPair (or g=relative elements) of the captured views.")
-        f1, f2, views = split_captures(records, inputs, pair, self.layer)
-        if pair is not None:
-            check_pair(pair, f1, f2, self.patch_size, self.layer)
-            if self.config.check_finite:
-                self.objective.pending_checks = pairing_checks(pair, views, self.layer)
+        if not records and isinstance(pair, ViewPair) and len(pair.g1) == 0:
+            # no b2 images on this rank and the passes skipped (some models cannot run an empty batch): the same
+            # exact zero as from captured empty maps, joining the other ranks' collectives
+            return self.objective(*(self._empty_map(x) for x in (pair.x1, pair.x2)), pair, keys=keys)
+        try:
+            f1, f2, views = split_captures(records, inputs, pair, self.layer)
+            if pair is not None:
+                check_pair(pair, f1, f2, self.patch_size, self.layer)
+        except SERError as e:
+            if blocks < 2:
+                raise
+            raise SERError(
+                f"{e} The captures come from {blocks} capture blocks: a map an earlier step recorded and never passed to "
+                "ser.loss (a batch skipped after its capture) is held until a loss consumes it, and a new capture block "
+                "drops held maps only when they are two or more. Call ser.clear() when you skip a step after capturing."
+            ) from None
+        if pair is not None and self.config.check_finite:
+            self.objective.pending_checks = pairing_checks(pair, views, self.layer)
         return self.objective(f1, f2, pair if pair is not None else g, keys=keys)
+
+    def _empty_map(self, x: Tensor) -> Tensor:
+        """The ``(0, C, h, w)`` layer-L map of an empty view batch ``x``; it requires grad, so the loss has a backward
+        (under DDP it takes part in the other ranks' reduce-scatter, whatever the head)."""
+        ph, pw = self.patch_size if self.patch_size is not None else (x.shape[-2], x.shape[-1])
+        dtype = x.dtype if x.is_floating_point() else torch.float32
+        shape = (0, self.vit.width or 1, max(1, x.shape[-2] // ph), max(1, x.shape[-1] // pw))
+        return x.new_zeros(shape, dtype=dtype).requires_grad_(True)
 
     def forward_loss(self, pair: ViewPair, keys: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
         """Runs the encoder on both views (stopping after block L) and returns ``λ·L_equiv``."""

@@ -79,9 +79,17 @@ def tokens_to_map(tokens: Tensor, input_hw: Optional[Tuple[int, int]], patch: Op
         p = prefix if prefix is not None else 0
         side = math.isqrt(max(n - p, 0))
         if n - p <= 0 or side * side != n - p:
+            if input_hw is None:
+                raise SERError(
+                    f"layer {layer}: {n} tokens with {p} prefix tokens are not a square grid, and the input size was not "
+                    "seen: SER reads it where the model's root forward or its patch embedding (patch_embed, a Conv2d) "
+                    "takes the images, and neither ran in this pass (a sub-entry point such as forward_features, or a "
+                    "sub-module, on a model without a convolutional patch embedding?). Call the model itself (its root "
+                    "forward) inside ser.capture(); if the prefix count is what is wrong, pass num_prefix_tokens= to attach_ser."
+                )
             raise SERError(
-                f"layer {layer}: {n} tokens with {p} prefix tokens are not a square grid and the input size is unknown; "
-                "pass num_prefix_tokens= and patch_size= to attach_ser so the grid can be derived from the input."
+                f"layer {layer}: {n} tokens with {p} prefix tokens are not a square grid and the patch size is unknown; "
+                "pass patch_size= (and num_prefix_tokens=) to attach_ser so the grid can be derived from the input size."
             )
         h = w = side
     return rearrange(tokens[:, p:], "b (h w) c -> b c h w", h=h, w=w), p

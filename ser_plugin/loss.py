@@ -199,6 +199,20 @@ def _image_ids(layout: Sequence[Tuple[int, int]], device: torch.device) -> Tenso
     return ids
 
 
+def _refuse_one_image(what: str, gathers: bool) -> None:
+    """The one rule for a single image, gathered or not: it has no other image to contrast with (its loss would be
+    exactly 0, with no gradient), so it is refused; no image at all is an exact zero."""
+    no_group = gathers and world_size() == 1
+    raise SERError(
+        f"L_equiv needs at least 2 images for negatives, {what}: one image has no other image to contrast with, so "
+        "its loss would be exactly 0 with no gradient. Raise the b2 share, or drop a last batch this small "
+        "(drop_last=True)"
+        + ("; gather=True does not help here: no process group with more than one rank is initialised" if no_group else "")
+        + ("; or gather negatives from the other ranks with gather=True" if not gathers and world_size() > 1 else "")
+        + ". A step with no b2 images at all is fine (its loss is an exact zero)."
+    )
+
+
 def _token_nce(
     dirs: Sequence[Tuple[Tensor, Tensor, Optional[Tensor]]],
     tau: float,
@@ -234,6 +248,8 @@ def _token_nce(
     buf: Optional[Tensor] = None
     if distributed:
         sizes = exchange_sizes([n] + tokens, dev)
+        if sum(sz[0] for sz in sizes) == 1:  # every rank sees the same sizes: all of them raise, none hangs
+            _refuse_one_image(f"got 1 image over all {len(sizes)} ranks (per rank: {[sz[0] for sz in sizes]})", True)
         rows = [r[0] * sum(r[1:]) for r in sizes]
         local = torch.cat([s.reshape(-1, c) for s in segs])
         buf = gather_padded(local, max(rows))
@@ -431,7 +447,7 @@ class TokenInfoNCE(nn.Module):
             Scalar L_equiv (fp32).
 
         Raises:
-            SERError: malformed maps, keys or elements; fewer than 2 images without gathering.
+            SERError: malformed maps, keys or elements; exactly 1 image in the batch (over all ranks when gathering).
         """
         for name, f in (("f1", f1), ("f2", f2)):
             if not isinstance(f, Tensor) or f.dim() != 4:
@@ -445,11 +461,8 @@ class TokenInfoNCE(nn.Module):
             raise SERError(f"need one relative element per image: {n} images (maps {tuple(f1.shape)}), got {len(g) if isinstance(g, GroupElement) else type(g).__name__}.")
         gathers = self._gathers(gather)
         distributed = gathers and world_size() > 1
-        if n < 2 and not gathers:
-            raise SERError(
-                f"L_equiv needs at least 2 images for negatives, got n={n} (maps {tuple(f1.shape)}); raise the b2 share"
-                + (" (or gather negatives from the other ranks with gather=True)." if world_size() > 1 else ".")
-            )
+        if n == 1 and not distributed:  # n == 0 (no b2 images this step) flows through: an exact zero
+            _refuse_one_image(f"got n=1 (maps {tuple(f1.shape)})", gathers)
         (h1, w1), (h2, w2) = f1.shape[-2:], f2.shape[-2:]
         mode = self.interpolation
         view1 = self.symmetric and self.scale_frame == "view1" and not (h1 == w1 == h2 == w2)

@@ -211,9 +211,7 @@ def _check_batch(self: EquivariantViews, x: Tensor) -> None:
     """Refuses a batch the policy cannot use (SERError naming the fix)."""
     if not isinstance(x, Tensor) or x.dim() != 4:
         raise SERError(f"views expect an image batch (n, C, H, W), got {tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}.")
-    n, c, h, w = x.shape
-    if n == 0:
-        raise SERError("views got an empty batch (n=0); b2 needs at least 2 images for the loss to have negatives.")
+    n, c, h, w = x.shape  # n == 0 is allowed: a rank (or step) without b2 images gets empty views and a zero loss
     if not x.is_floating_point():
         raise SERError(f"views expect float images in [0, 1], got dtype {x.dtype} (shape {tuple(x.shape)}); convert first, e.g. x.float() / 255.")
     if c == 0 or h == 0 or w == 0:
@@ -340,9 +338,10 @@ class EquivariantViews(nn.Module):
             A :class:`ViewPair`.
 
         Raises:
-            SERError: not a float image batch, empty, not patch-aligned, non-square with rotations, wrong
-                channel count for the built-in photometrics, or values outside ``[0, 1]`` reaching them
-                (on CUDA reported at a later call, without a per-step sync).
+            SERError: not a float image batch, images with no pixels, not patch-aligned, non-square with rotations,
+                wrong channel count for the built-in photometrics, or values outside ``[0, 1]`` reaching them
+                (on CUDA reported at a later call, without a per-step sync). A batch of no images (a rank
+                without b2 images this step) gives empty views; the loss on them is an exact zero.
         """
         _check_batch(self, x)
         n, c, h, w = x.shape
@@ -351,7 +350,8 @@ class EquivariantViews(nn.Module):
             mean = to_device(self.mean, x.device).to(x.dtype)
             std = to_device(self.std, x.device).to(x.dtype)
         u = x if mean is None else x * std + mean  # normalised input -> [0, 1] images for the photometrics
-        self._guard(u if self.builtin_photometric else None, x if mean is not None else None)
+        if n:  # an empty batch (a rank without b2 images) has no range to check
+            self._guard(u if self.builtin_photometric else None, x if mean is not None else None)
         if self.p1 is None:
             v1 = v2 = u
         elif self.builtin_photometric:

@@ -48,6 +48,58 @@ def _flatten_chunks(blocks: Sequence[nn.Module]) -> List[nn.Module]:
     return out
 
 
+def _is_sublayer_list(m: nn.Module) -> bool:
+    """A plain ModuleList entry of a block list (never called itself) whose members differ in structure: sub-layers
+    (attention, feed-forward) that the parent's loop calls one by one, adding the residuals itself. A chunk of
+    identical blocks (DINOv2's chunked layout, padded with Identity) is not one."""
+    if not isinstance(m, nn.ModuleList) or type(m).forward is not nn.Module.forward:
+        return False
+    return len({tuple(type(x) for x in c.modules()) for c in m if not isinstance(c, nn.Identity)}) > 1
+
+
+def _entry_kind(m: nn.Module) -> str:
+    if isinstance(m, _CONTAINERS):
+        return f"{type(m).__name__}[{', '.join(dict.fromkeys(type(c).__name__ for c in m))}]"
+    return type(m).__name__
+
+
+def _sublayer_pairs_message(model: nn.Module, path: str, entries: Sequence[nn.Module]) -> str:
+    """Why a list of [attention, feed-forward] ModuleLists cannot be hooked, and what to pass instead."""
+    first = next(m for m in entries if _is_sublayer_list(m))
+    parent = path.rsplit(".", 1)[0] if "." in path else ""
+    owner = type(model.get_submodule(parent)).__name__ if parent or path else type(model).__name__
+    return (
+        f"{path!r} holds {len(entries)} entries of {_entry_kind(first)}: plain ModuleLists of sub-layers that "
+        f"{owner}.forward calls one by one, adding the residuals itself. No module there outputs the residual stream "
+        "after a block, so hooking one would capture an attention or feed-forward output (a wrong map). Wrap each "
+        "pair in a thin module that returns the stream — forward(x): x = attn(x) + x; return ff(x) + x — keep those "
+        f"in an nn.ModuleList that {owner}.forward calls as x = block(x), and pass blocks={path!r}; or compute "
+        "layer L's map yourself and use ser_plugin.SERLoss(f1, f2, pair) with ser_plugin.EquivariantViews."
+    )
+
+
+def _list_path(model: nn.Module, entries: Sequence[nn.Module], given: Any) -> str:
+    if isinstance(given, str):
+        return given
+    names = {id(m): name for name, m in model.named_modules()}
+    name = names.get(id(entries[0]), "")
+    return name.rsplit(".", 1)[0] if "." in name else name or "<list>"
+
+
+def _candidate_lists(model: nn.Module, limit: int = 6) -> str:
+    """The model's ModuleList/Sequential modules of 2+ entries, shallowest first: what blocks= could point at."""
+    found: List[Tuple[str, nn.Module]] = []
+    for name, mod in model.named_modules():  # parents come first: skip lists nested in a listed one
+        if name and isinstance(mod, _CONTAINERS) and len(mod) > 1 and not any(name.startswith(f + ".") for f, _ in found):
+            found.append((name, mod))
+    found.sort(key=lambda c: c[0].count("."))
+    out = []
+    for name, mod in found[:limit]:
+        kinds = list(dict.fromkeys(_entry_kind(m) for m in mod))
+        out.append(f"{name!r} ({len(mod)} entries" + (f" of {kinds[0]})" if len(kinds) == 1 else f": {', '.join(kinds)})"))
+    return ", ".join(out) + (f" and {len(found) - limit} more" if len(found) > limit else "") if out else "none"
+
+
 def _has_patch_embedding(m: nn.Module) -> bool:
     return any(isinstance(c, nn.Conv2d) for c in m.modules())
 
@@ -93,23 +145,29 @@ def _find_blocks(model: nn.Module, blocks: BlocksArg) -> Tuple[List[nn.Module], 
             found = blocks
         if isinstance(found, nn.Module) and not isinstance(found, _CONTAINERS):
             raise SERError(f"blocks={blocks!r} resolves to a {type(found).__name__}, not a list of blocks (ModuleList/Sequential).")
+        if any(isinstance(b, nn.Module) and _is_sublayer_list(b) for b in found):
+            raise SERError(f"blocks={blocks if isinstance(blocks, str) else '[...]'!r}: " + _sublayer_pairs_message(model, _list_path(model, list(found), blocks), list(found)))
         lst = _flatten_chunks(list(found))
         if not lst or not all(isinstance(b, nn.Module) for b in lst):
             raise SERError(f"blocks={blocks!r} holds no modules.")
         _check_whole_blocks(model, lst, blocks)
         return lst, path
-    candidates = []
+    candidates, pairs = [], []
     for name, mod in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         if leaf in _BLOCK_LIST_NAMES and isinstance(mod, _CONTAINERS) and len(mod) > 0:
+            if any(_is_sublayer_list(b) for b in mod):
+                pairs.append((name, mod))
+                continue
             flat = _flatten_chunks(list(mod))
             if flat and len({type(b) for b in flat}) == 1:
                 candidates.append((name.count("."), name, flat))
     if not candidates:
         raise SERError(
             f"no transformer blocks found in {type(model).__name__}: looked for a ModuleList/Sequential named "
-            f"{'/'.join(_BLOCK_LIST_NAMES)} with blocks of one class. Pass them explicitly: "
-            "attach_ser(model, layer, blocks='path.to.blocks') or blocks=list_of_modules."
+            f"{'/'.join(_BLOCK_LIST_NAMES)} with blocks of one class; its lists are {_candidate_lists(model)}. "
+            + (_sublayer_pairs_message(model, pairs[0][0], list(pairs[0][1])) if pairs else
+               "Pass the block list explicitly: attach_ser(model, layer, blocks='path.to.blocks') or blocks=list_of_modules.")
         )
     candidates.sort(key=lambda c: c[0])
     best = [c for c in candidates if c[0] == candidates[0][0]]

@@ -1,6 +1,6 @@
-"""Smoke test of `make demo`: the same code path as the full demo (data, both arms, every metric, JSON/markdown/PNG),
+"""Smoke test of `make demo`: the same code path as the full demo (data, the three arms, every metric, JSON/markdown/PNG),
 for 3 steps per arm on a data subset. Numbers are meaningless here; the test checks the fields and that they are
-finite and in range. Plus fast unit checks of the demo's helpers (ImageFolder loading, canvas boxes, tables)."""
+finite and in range. Plus fast unit checks of the demo's helpers (ImageFolder loading, scenes, verdicts, tables)."""
 
 from __future__ import annotations
 
@@ -34,12 +34,16 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
     payload = demo_main.main(["--smoke", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     assert "linear top-1" in printed and "equiv. centred @L" in printed and "SER (stock ViT)" in printed
+    # both comparisons, each saying what is resolved and what is within noise
+    assert "ser vs baseline: resolved (p < 0.05):" in printed and "ser vs views: resolved (p < 0.05):" in printed
 
     saved = json.loads((tmp_path / "demo_results.json").read_text())
     assert saved["command"].startswith("python examples/demo/main.py") and saved["smoke"] is True
-    assert set(saved["arms"]) == {"baseline", "ser"} == set(payload["arms"])
+    assert set(saved["arms"]) == {"baseline", "views", "ser"} == set(payload["arms"])
+    pairs = {(v["arm"], v["ref"]) for v in saved["verdicts"]}
+    assert pairs == {("views", "baseline"), ("ser", "baseline"), ("ser", "views")}
     assert saved["git"]["commit"] is None or len(saved["git"]["commit"]) == 40
-    assert {v["metric"] for v in saved["verdicts"]} >= {"linear_top1", "eq_centred_L", "mCA", "mFR"}
+    assert {v["metric"] for v in saved["verdicts"]} >= {"linear_top1", "eq_centred_L", "mCA", "mFR", "spatial_mask_IoU", "spatial_roi_top1"}
     for arm, by_seed in saved["arms"].items():
         assert list(by_seed) == ["0"]
         rec = by_seed["0"]
@@ -59,12 +63,14 @@ def test_demo_smoke_end_to_end(tmp_path, capsys):
         prot = m["protocol"]
         assert prot["blocks"] == [1, 2, 3, 4] and prot["controls"]["identity"]["rel_l2"] == [0.0] * 4
         sp = m["spatial"]
-        assert 0.0 <= sp["mIoU"] <= 1.0 and _finite(sp["centre_err_px"]) and sp["centre_err_px"] >= 0
+        assert 0.0 <= sp["mask_IoU"] <= 1.0 and 0.0 <= sp["roi_top1"] <= 1.0 and 0.0 < sp["chance_mask_IoU"] < 1.0
+        assert sp["clutter"] == 0.2 and sp["scenes_test"] == 48  # digits' calibrated clutter; 96 test digits -> 48 scenes
         assert m["steps"] == 3 and _finite(m["final_inv_loss"])
         assert rec["config"]["arm"] == arm and rec["config"]["objective"] == "mocov3"
     # the SER arm trained with the equivariance loss, the baseline did not
     assert _finite(saved["arms"]["ser"]["0"]["metrics"]["final_equiv_loss"])
     assert math.isnan(saved["arms"]["baseline"]["0"]["metrics"]["final_equiv_loss"])
+    assert math.isnan(saved["arms"]["views"]["0"]["metrics"]["final_equiv_loss"])  # views only: λ = 0, no SER loss
     md = (tmp_path / "demo_results.md").read_text()
     assert "| baseline (stock ViT, host views only) | 1 |" in md and "Welch" in md and "control: permutation" in md
     for name in ("demo_results.png", "demo_protocol.png"):
@@ -148,8 +154,8 @@ def test_welch_verdicts():
     assert welch([0.9], [0.8])["verdict"] == "within noise"  # one seed: no verdict
 
 
-RESULT_GLOBS = ("benchmarks/results/demo_results.json", "benchmarks/results/study_sens_results.json", "benchmarks/results/study_calibration.json",
-                "benchmarks/results/study_sens_runs/*.json", "examples/demo/ser_demo/severities.json")
+RESULT_GLOBS = ("examples/demo/results/demo_results.json", "study/results/sensitivity.json", "study/results/calibration.json",
+                "examples/demo/ser_demo/severities.json")
 
 
 def test_committed_results_record_a_commit_of_this_repository():
@@ -201,20 +207,6 @@ def test_image_folder_loader(tmp_path):
         load_image_folder(str(tmp_path / "missing"))
 
 
-def test_canvas_boxes_enclose_the_strokes():
-    from ser_demo.data import place_on_canvas
-
-    x = torch.zeros(2, 1, 8, 8)
-    x[0, :, 2:5, 3:7] = 1.0
-    x[1, :, 0:8, 1:2] = 1.0
-    canv, boxes = place_on_canvas(x, 16, torch.Generator().manual_seed(0))
-    for i in range(2):
-        x0, y0, x1, y1 = boxes[i].long().tolist()
-        inside = canv[i, 0, y0:y1, x0:x1]
-        assert inside.sum() == canv[i].sum() > 0  # all ink lies in the box
-        assert inside[0].sum() > 0 and inside[-1].sum() > 0 and inside[:, 0].sum() > 0 and inside[:, -1].sum() > 0  # and the box is tight
-
-
 def test_margin_and_table():
     from ser_demo.report import margin_in_std, markdown_table
 
@@ -222,3 +214,93 @@ def test_margin_and_table():
     assert m["diff"] == pytest.approx(0.11) and m["in_max_std"] == pytest.approx(0.11 / 0.02)
     t = markdown_table({"ser": [{"linear_top1": 0.5, "eq_centred_L": 0.8}, {"linear_top1": 0.7, "eq_centred_L": 0.9}]})
     assert "| SER (stock ViT) | 2 | 60.0 ± 14.1 | 0.850 ± 0.071 |" in t
+
+
+def test_demo_comparisons_and_verdicts():
+    """SER is compared with the baseline and with the views-only arm; a verdict is 'better'/'worse' only when Welch's
+    p < 0.05, in the metric's own direction (flip probability: lower is better)."""
+    import main as demo_main
+
+    assert demo_main.comparisons(["baseline", "views", "ser"]) == [("views", "baseline"), ("ser", "baseline"), ("ser", "views")]
+    assert demo_main.comparisons(["baseline", "ser"]) == [("ser", "baseline")]
+    runs = {
+        "baseline": [{"linear_top1": 0.80, "mFR": 0.10}, {"linear_top1": 0.81, "mFR": 0.11}, {"linear_top1": 0.82, "mFR": 0.12}],
+        "views": [{"linear_top1": 0.89, "mFR": 0.10}, {"linear_top1": 0.93, "mFR": 0.13}, {"linear_top1": 0.91, "mFR": 0.09}],
+        "ser": [{"linear_top1": 0.90, "mFR": 0.20}, {"linear_top1": 0.91, "mFR": 0.21}, {"linear_top1": 0.92, "mFR": 0.22}],
+    }
+    ver = {(v["arm"], v["ref"], v["metric"]): v for v in demo_main.verdicts(runs, demo_main.comparisons(list(runs)))}
+    assert ver[("ser", "baseline", "linear_top1")]["verdict"] == "better"
+    assert ver[("ser", "baseline", "mFR")]["verdict"] == "worse"  # higher flip probability is worse
+    assert ver[("ser", "views", "linear_top1")]["verdict"] == "within noise"
+    assert ver[("ser", "views", "linear_top1")]["diff"] == pytest.approx(0.0, abs=1e-12)
+    table, lines = demo_main.verdict_table(list(ver.values()))
+    assert "| linear top-1 | +10.0 (p=" in table and "**better**" in table
+    assert lines[1] == "ser vs baseline: resolved (p < 0.05): linear top-1 better, flip probability (mean) worse; within noise: none"
+    assert lines[2].startswith("ser vs views: resolved (p < 0.05): flip probability (mean) worse; within noise: linear top-1")
+
+
+def test_scene_labels_classes_and_clutter():
+    from ser_demo.data import compose_scene
+
+    x = torch.zeros(8, 1, 8, 8)
+    x[:, :, 2:6, 2:6] = 1.0  # a 4x4 square of ink in the middle of each image
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    scenes, labels, objs = compose_scene(x, y, 20, torch.Generator().manual_seed(0), per_canvas=2, ink=0.2)
+    assert scenes.shape == (4, 1, 20, 20) and labels.shape == (4, 20, 20) and objs.shape == (4, 2, 5)
+    for i in range(4):
+        (x0, y0, x1, y1, c0), (u0, v0, u1, v1, c1) = objs[i].tolist()
+        assert c0 != c1  # two different classes per scene
+        assert x1 <= u0 or u1 <= x0 or y1 <= v0 or v1 <= y0  # no overlap
+        assert set(labels[i].unique().tolist()) == {0, 1 + c0, 1 + c1}
+        assert int((labels[i] == 1 + c0).sum()) == 16 and bool((scenes[i, 0] > 0.5).eq(labels[i] > 0).all())
+    whole = compose_scene(x, y, 20, torch.Generator().manual_seed(0), per_canvas=2, ink=None)[1]
+    assert int((whole[0] > 0).sum()) == 2 * 64  # the whole pasted squares
+    cl, cl_labels, _ = compose_scene(x, y, 20, torch.Generator().manual_seed(0), per_canvas=2, ink=0.2, clutter=0.3)
+    bg = cl_labels == 0
+    assert cl[:, 0][bg].std() > 0.05 and float(cl[:, 0][bg].min()) >= 0.0  # cluttered background, still in [0, 1]
+    with pytest.raises(ValueError, match="without overlap"):
+        compose_scene(x, y, 10, torch.Generator().manual_seed(0), per_canvas=2)
+
+
+def test_b2_views_join_the_ssl_loss_unless_told_not_to(monkeypatch):
+    """The paper: b2's T_eq views join the host's invariance loss (L_inv2). ``b2_in_ssl=False`` (the study's
+    no_Linv2 variant, not the paper) keeps them out: the SSL loss sees b1 only; SER's loss still sees b2."""
+    from ser_demo import train
+
+    torch.set_num_threads(1)
+    s = _tiny_split()
+    seen = []
+    orig = train.Objective.loss
+
+    def spy(self, f1, f2, v1, v2, epoch):
+        seen.append(f1.shape[0])
+        return orig(self, f1, f2, v1, v2, epoch)
+
+    monkeypatch.setattr(train.Objective, "loss", spy)
+    cfg = dict(arm="ser", batch=32, b2_share=0.25, max_steps=2, mean=s.mean, std=s.std)
+    a = train.pretrain(train.Config(**cfg), s.x_train)
+    b = train.pretrain(train.Config(**cfg, b2_in_ssl=False), s.x_train)
+    assert seen == [32, 32, 24, 24]
+    assert all(math.isfinite(r["equiv"]) for r in a.history + b.history)  # L_equiv on b2 in both
+
+
+def test_checkpoints_do_not_change_training():
+    """Learning-curve evaluations inside pretrain happen at the given steps and leave the run as it would be
+    without them (the global RNG is restored after each)."""
+    from ser_demo.evaluate import evaluate
+    from ser_demo.train import Config, pretrain
+
+    torch.set_num_threads(1)
+    s = _tiny_split()
+    cfg = Config(arm="ser", batch=32, steps=4, mean=s.mean, std=s.std)
+    got = []
+
+    def at(step, model):
+        got.append(step)
+        torch.rand(5)  # an evaluation that draws from the global RNG
+        evaluate(model, s, cfg.resolved(), robust=False, n_equiv=8, n_protocol=0)
+
+    a = pretrain(cfg, s.x_train, checkpoints=(2, 4), on_checkpoint=at)
+    b = pretrain(cfg, s.x_train)
+    assert got == [2, 4]
+    assert [r["loss"] for r in a.history] == [r["loss"] for r in b.history]

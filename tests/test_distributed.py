@@ -389,3 +389,61 @@ def test_fsdp2_fully_shard_equals_one_process(contract):
     _assert_same_grads(r0["grads"], grads, "FSDP2, rank 0")
     _assert_same_grads(r1["grads"], grads, "FSDP2, rank 1")
     assert sum(r0["coll_fwd"].values()) == 2, r0["coll_fwd"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A rank with no b2 images through the whole handle (issue 17 class 1): tests/dist_helpers/edges_step.py, one launch.
+from dist_helpers import edges_step  # noqa: E402
+
+from ser_plugin import GroupElement, ViewPair  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def edges(tmp_path_factory):
+    out = tmp_path_factory.mktemp("edges")
+    _torchrun("edges_step.py", str(out), timeout=240)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+def _reference_union(counts, head=True):
+    """One process on the union of both ranks' b2 views (the same views, concatenated) and host images."""
+    vit = make_vit(0)
+    torch.manual_seed(1)
+    ser = attach_ser(vit, LAYER, head=head, head_dims=(16, 16))
+    pairs = [edges_step.rank_views(ser, counts, r) for r in (0, 1)]
+    pair = ViewPair(torch.cat([p.x1 for p in pairs]), torch.cat([p.x2 for p in pairs]),
+                    GroupElement.cat([p.g1 for p in pairs]), GroupElement.cat([p.g2 for p in pairs]))
+    with ser.capture():
+        vit(pair.x1), vit(pair.x2)
+    host = vit(torch.cat([edges_step.host_images(r) for r in (0, 1)])).pow(2).mean()
+    ser_loss = ser.loss(pair)
+    (host + ser_loss).backward()
+    holder = nn.Module()
+    holder.vit, holder.ser = vit, ser
+    return ser_loss.detach(), {n: p.grad.detach().clone() for n, p in holder.named_parameters()}
+
+
+@pytest.mark.parametrize("name", list(edges_step.COUNTS))
+def test_rank_without_b2_images_through_the_handle_equals_one_process(edges, name):
+    """b2 sizes (3, 0), (0, 3), (1, 1) over 2 DDP ranks, through ser.views, ser.capture and ser.loss (token head,
+    built-in photometrics): the empty rank's loss is exactly 0, joins the collectives, and every rank's loss and
+    gradients equal one process on the union. ``skip_passes*``: the empty rank runs no pass at all."""
+    counts = edges_step.COUNTS[name]
+    r0, r1 = _ok(edges, name)
+    assert (r0["n"], r1["n"]) == counts
+    for res, n in ((r0, counts[0]), (r1, counts[1])):
+        if n == 0:
+            assert res["ser"].item() == 0.0
+    ser_loss, grads = _reference_union(counts, edges_step.HEAD[name])
+    assert ser_loss.item() > 0 and _close((r0["ser"] + r1["ser"]) / 2, ser_loss), (r0["ser"], r1["ser"], ser_loss)
+    _assert_same_grads(r0["grads"], grads, f"{name}, rank 0")
+    _assert_same_grads(r1["grads"], grads, f"{name}, rank 1")
+    assert any(k.startswith("ser.head.") and v.abs().sum() > 0 for k, v in grads.items()) == edges_step.HEAD[name]
+
+
+def test_one_b2_image_over_all_ranks_is_refused_on_every_rank(edges):
+    """b2 sizes (1, 0): one image has no negatives anywhere; every rank raises the same SERError after the size
+    exchange (none waits in a collective), as one process refuses one image."""
+    for r in (0, 1):
+        err = edges[r]["b2_1_0"].get("error", "")
+        assert err.startswith("SERError") and "1 image over all 2 ranks" in err and "[1, 0]" in err, (r, err)

@@ -81,8 +81,9 @@ def test_attach_and_step_fuzz(layer, kwargs, dynamic, n, side):
     try:
         ser = attach_ser(vit, layer, **kwargs)
         pair = ser.views(torch.rand(n, 3, side, side))
-        with ser.capture():
-            vit(pair.x1), vit(pair.x2)
+        if not (n == 0 and dynamic):  # timm's dynamic_img_size cannot run 0 images (a reshape of its own): skip the passes
+            with ser.capture():
+                vit(pair.x1), vit(pair.x2)
         loss = ser.loss(pair)
     except SERError as e:
         _useful(e)
@@ -223,8 +224,10 @@ def test_handle_loss_fuzz(handle, n_caps, pair_n, where, what):
         return
     finally:
         ser.clear()
-    assert where == "none" and n_caps in (1, 2) and pair_n == 4, f"accepted bad input: caps={n_caps}, pair_n={pair_n}, {where}"
-    assert torch.isfinite(loss)
+    # an empty pair with nothing captured is a rank without b2 images that skipped its passes: an exact zero
+    empty = n_caps == 0 and pair_n == 0
+    assert where == "none" and (n_caps in (1, 2) and pair_n == 4 or empty), f"accepted bad input: caps={n_caps}, pair_n={pair_n}, {where}"
+    assert torch.isfinite(loss) and (not empty or loss.item() == 0.0)
 
 
 def test_nan_in_features_is_reported_not_propagated(handle):

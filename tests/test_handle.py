@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dist_helpers.common import IMG, LAYER, make_images, make_pair, make_vit  # noqa: E402
 
 from ser_plugin import SERError, attach_ser, equivariance_score, remove_ser  # noqa: E402
+from ser_plugin.tap import is_ser_hook  # noqa: E402
 
 
 def ser_hooks(model: nn.Module) -> list:
@@ -27,7 +28,7 @@ def ser_hooks(model: nn.Module) -> list:
     out = []
     for m in model.modules():
         for d in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks):
-            out += [h for h in d.values() if type(h).__module__.startswith("ser_plugin")]
+            out += [h for h in d.values() if is_ser_hook(h)]
     return out
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ser_plugin import GroupElement, SERError, TokenHead, TokenInfoNCE, rho
-from ser_plugin.loss import FiniteCheck, raise_if_nonfinite
+from ser_plugin.loss import FiniteCheck, negative_logsumexp, raise_if_nonfinite
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -49,14 +49,28 @@ def test_max_negatives_one_gives_finite_loss_and_gradient(same_branch, symmetric
 
 
 @pytest.mark.parametrize("keys", [False, True])
-def test_one_image_with_gather_gives_zero_loss_and_zero_gradient(keys):
-    """One image, gather=True, one process: no negative exists, the loss is log(1 + 0) = 0 with zero gradient."""
+def test_one_image_with_gather_outside_a_group_is_refused_like_without(keys):
+    """One image, gather=True, one process: no negative exists (the loss would be exactly 0 with zero gradient, a
+    silent no-op), so it is refused as without gather."""
     f1, f2, g = _maps(n=1)
     kw = {"keys": (f1.detach() + 0.1, f2.detach() - 0.1)} if keys else {}
-    loss = TokenInfoNCE(gather=True)(f1, f2, g, **kw)
+    with pytest.raises(SERError, match="at least 2 images") as err:
+        TokenInfoNCE(gather=True)(f1, f2, g, **kw)
+    assert "no process group" in str(err.value)
+
+
+def test_query_without_any_negative_costs_exactly_zero_with_zero_gradient():
+    """Every key masked (all of the query's own image, e.g. a max_negatives draw): lse = -inf, the query's
+    -log softmax = softplus(-inf) = 0, and its gradient is 0, not NaN."""
+    q = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    ids = torch.zeros(4, dtype=torch.long)
+    lse = negative_logsumexp(q, k, ids, ids, 0.4)
+    assert torch.isneginf(lse).all()
+    loss = F.softplus(lse - (q * k).sum(-1) / 0.4).sum()
     assert loss.item() == 0.0
     loss.backward()
-    assert _grads_finite(f1, f2) and f1.grad.abs().max() == 0 and f2.grad.abs().max() == 0
+    assert _grads_finite(q, k) and q.grad.abs().max() == 0 and k.grad.abs().max() == 0
 
 
 def test_no_images_gives_zero_loss_connected_to_the_graph():
@@ -75,7 +89,8 @@ def test_per_call_gather_switch():
         crit(f1, f2, g)
     with pytest.raises(SERError, match="at least 2 images"):
         TokenInfoNCE(gather=True)(f1, f2, g, gather=False)
-    assert crit(f1, f2, g, gather=True).item() == 0.0
+    with pytest.raises(SERError, match="at least 2 images"):  # no process group: gather=True cannot help one image
+        crit(f1, f2, g, gather=True)
     f1, f2, g = _maps(n=3)
     assert torch.allclose(TokenInfoNCE(gather=True)(f1, f2, g, gather=False), crit(f1, f2, g))
 

@@ -1,1 +1,1 @@
-"""Importable code behind `make demo` and `benchmarks/study.py`: data, pretraining arms, frozen-feature evaluation."""
+"""Importable code behind `make demo` and `study/sensitivity.py`: data, pretraining arms, frozen-feature evaluation."""

@@ -185,23 +185,52 @@ def load_data(path: Optional[str], size: int = 32, channels: int = 3) -> Split:
     return load_image_folder(path, size, channels)
 
 
-def place_on_canvas(x: Tensor, canvas: int, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
-    """Pastes each image (N, C, S, S) at a random integer position on a black ``canvas`` x ``canvas`` image.
-
-    Returns the canvases and the boxes ``(x0, y0, x1, y1)`` in pixels: the box around the digit's strokes
-    (pixels with mean intensity > 0.2), not the pasted square.
-    """
+def compose_scene(x: Tensor, y: Tensor, canvas: int, generator: torch.Generator, per_canvas: int = 2,
+                  ink: Optional[float] = 0.2, clutter: float = 0.0) -> Tuple[Tensor, Tensor, Tensor]:
+    """Scenes for the dense probe: ``per_canvas`` images of *different* classes pasted at random, non-overlapping
+    integer positions on a black ``canvas`` x ``canvas`` image (one scene per group of ``per_canvas`` consecutive
+    images after a seeded shuffle). Returns the scenes (M, C, canvas, canvas) and the per-pixel labels (M, canvas,
+    canvas): 0 = background, ``1 + class`` where an image covers the pixel — its strokes only (pixels whose mean
+    intensity exceeds ``ink``) when ``ink`` is given, the whole pasted square when ``ink`` is None. ``clutter`` > 0
+    fills the background with smooth noise (Gaussian-blurred, sigma 2 px) of that standard deviation around 0.5·clutter,
+    so telling object from background takes more than "not black". Also returns the pasted squares
+    (M, per_canvas, 4) as ``(x0, y0, x1, y1)`` and their classes in a last column: (M, per_canvas, 5)."""
     n, c, s, _ = x.shape
-    out = torch.zeros(n, c, canvas, canvas)
-    pos = torch.randint(0, canvas - s + 1, (n, 2), generator=generator)
-    for i in range(n):
-        r, q = int(pos[i, 0]), int(pos[i, 1])
-        out[i, :, r : r + s, q : q + s] = x[i]
-    boxes = torch.zeros(n, 4)
-    ink = x.mean(1) > 0.2  # (N, S, S): the digit's strokes
-    for i in range(n):
-        rows, cols = ink[i].any(1).nonzero(), ink[i].any(0).nonzero()
-        r0, r1 = (int(rows.min()), int(rows.max()) + 1) if len(rows) else (0, s)
-        c0, c1 = (int(cols.min()), int(cols.max()) + 1) if len(cols) else (0, s)
-        boxes[i] = torch.tensor([pos[i, 1] + c0, pos[i, 0] + r0, pos[i, 1] + c1, pos[i, 0] + r1])
-    return out, boxes
+    order = torch.randperm(n, generator=generator)
+    scenes, labels, objs = [], [], []
+    i = 0
+    while i + per_canvas <= n:
+        group = [int(order[i])]
+        j = i + 1
+        while len(group) < per_canvas and j < n:  # the next images whose class is not in the scene yet
+            if all(int(y[int(order[j])]) != int(y[g]) for g in group):
+                group.append(int(order[j]))
+                order[[i + len(group) - 1, j]] = order[[j, i + len(group) - 1]]
+            j += 1
+        i += per_canvas
+        if len(group) < per_canvas:
+            break
+        img = torch.zeros(c, canvas, canvas)
+        if clutter > 0:
+            import kornia
+
+            noise = torch.randn(1, 1, canvas, canvas, generator=generator)
+            noise = kornia.filters.gaussian_blur2d(noise, (13, 13), (2.0, 2.0))
+            noise = noise / noise.std().clamp_min(1e-6)
+            img[:] = (0.5 * clutter + clutter * noise[0]).clamp(0, 1)
+        lab = torch.zeros(canvas, canvas, dtype=torch.long)
+        for _ in range(1000):  # rejection sampling of free positions for the whole scene
+            pos = torch.randint(0, canvas - s + 1, (per_canvas, 2), generator=generator).tolist()
+            if all(p[0] + s <= o[0] or o[0] + s <= p[0] or p[1] + s <= o[1] or o[1] + s <= p[1]
+                   for a, p in enumerate(pos) for o in pos[a + 1:]):
+                break
+        else:
+            raise ValueError(f"cannot place {per_canvas} images of {s} px without overlap on a {canvas} px canvas")
+        for k, (r, q) in zip(group, pos):
+            img[:, r : r + s, q : q + s] = x[k]
+            fg = (x[k].mean(0) > ink) if ink is not None else torch.ones(s, s, dtype=torch.bool)
+            lab[r : r + s, q : q + s][fg] = 1 + int(y[k])
+        scenes.append(img)
+        labels.append(lab)
+        objs.append(torch.tensor([[q, r, q + s, r + s, int(y[k])] for k, (r, q) in zip(group, pos)]))
+    return torch.stack(scenes), torch.stack(labels), torch.stack(objs)

@@ -20,7 +20,7 @@ from ser_plugin import equivariance_score
 
 
 # ImageNet-C in miniature: corruptions on images in [0, 1], each with a grid of candidate levels ordered from mild to
-# severe. The three severities actually used per dataset are picked from these grids by benchmarks/study_calibrate.py
+# severe. The three severities actually used per dataset are picked from these grids by study/calibrate.py
 # (so that a trained baseline keeps meaningful accuracy at every severity) and stored in severities.json beside this
 # file. Ops come from kornia where kornia has them (blur, motion blur, brightness, contrast, elastic, JPEG); the noise
 # draws follow kornia's RandomGaussianNoise / RandomSaltAndPepperNoise formulas with a fixed torch.Generator, so every
@@ -198,50 +198,61 @@ def patch_tokens(model: nn.Module, x: Tensor, mean: Tensor, std: Tensor, batch: 
     return torch.cat(out)
 
 
-def spatial_transfer(model: nn.Module, x_train: Tensor, x_test: Tensor, mean: Tensor, std: Tensor, patch: int,
-                     canvas: int = 64, n_train: int = 600, seed: int = 0) -> Dict[str, float]:
-    """Frozen-backbone localisation in miniature: each digit is pasted at a random position on a black
-    ``canvas``; a linear (ridge) probe on frozen patch tokens predicts, per token, whether the token's centre
-    lies in the digit's box (scores clipped to [0, 1]); the predicted box is the probability-weighted mean ± 2 std of token centres (so it is
-    defined even when no token passes 0.5). Reports mean IoU and mean centre error (px) on test digits.
+def spatial_transfer(model: nn.Module, split: Any, mean: Tensor, std: Tensor, patch: int, canvas: int = 64,
+                     per_canvas: int = 2, clutter: Optional[float] = None, n_train: int = 400, seed: int = 0) -> Dict[str, float]:
+    """Frozen-backbone dense transfer in miniature (the paper's detection claim, scaled down): scenes of
+    ``per_canvas`` images of different classes at random positions on a ``canvas`` with a cluttered background
+    (:func:`data.compose_scene`; ``clutter`` from severities.json, calibrated per dataset by study/calibrate.py).
+    Two linear probes on the frozen final-layer patch tokens, fitted on scenes of training images and scored on
+    scenes of test images:
+
+    - ``mask_IoU`` (localisation): a ridge probe per token, object vs background (the label of the pixel at the
+      token's centre; digits' strokes, the whole tile for the patch sets), threshold 0.5; IoU of the predicted
+      and true foreground tokens over all test scenes. ``chance_mask_IoU``: calling every token foreground.
+    - ``roi_top1`` (recognition in place): each object's class from the mean of the patch tokens inside its box
+      (logistic regression, as the [CLS] probe): RoI classification with the box given.
     """
-    from .data import place_on_canvas
+    from .data import compose_scene
 
+    if clutter is None:
+        clutter = spatial_clutter_for(split.name)
+    ink = 0.2 if split.name.startswith("digits") else None
     g = torch.Generator().manual_seed(seed)
-    ctr, btr = place_on_canvas(x_train[:n_train], canvas, g)
-    cte, bte = place_on_canvas(x_test, canvas, g)
+    xtr, ltr, otr = compose_scene(split.x_train[: n_train * per_canvas], split.y_train[: n_train * per_canvas], canvas, g,
+                                  per_canvas, ink, clutter)
+    xte, lte, ote = compose_scene(split.x_test, split.y_test, canvas, g, per_canvas, ink, clutter)
     side = canvas // patch
-    centres = (torch.arange(side).float() + 0.5) * patch
-    cy, cx = torch.meshgrid(centres, centres, indexing="ij")
-    cx, cy = cx.reshape(-1), cy.reshape(-1)
+    centre = torch.arange(side) * patch + patch // 2
 
-    def labels(boxes: Tensor) -> Tensor:
-        inside = (cx[None] >= boxes[:, 0:1]) & (cx[None] < boxes[:, 2:3]) & (cy[None] >= boxes[:, 1:2]) & (cy[None] < boxes[:, 3:4])
-        return inside.reshape(-1).long()
+    def fg_tokens(lab: Tensor) -> Tensor:
+        return (lab[:, centre][:, :, centre] > 0).reshape(-1)
 
-    ttr, tte = patch_tokens(model, ctr, mean, std), patch_tokens(model, cte, mean, std)
-    # ridge regression on standardised tokens (closed form: fast and deterministic), clipped to [0, 1]
+    def roi(tokens: Tensor, objs: Tensor) -> Tuple[Tensor, Tensor]:
+        t = tokens.view(len(tokens), side, side, -1)
+        inside = lambda lo, hi: (centre >= lo) & (centre < hi)  # noqa: E731
+        f = [t[i][inside(o[1], o[3])][:, inside(o[0], o[2])].mean((0, 1)) for i in range(len(t)) for o in objs[i]]
+        return torch.stack(f), objs[:, :, 4].reshape(-1)
+
+    ttr, tte = patch_tokens(model, xtr, mean, std), patch_tokens(model, xte, mean, std)
     a = ttr.reshape(-1, ttr.shape[-1]).double()
     mu, sd = a.mean(0), a.std(0).clamp_min(1e-6)
     a = torch.cat([(a - mu) / sd, torch.ones(len(a), 1, dtype=a.dtype)], 1)
-    t = labels(btr).double()
-    coef = torch.linalg.solve(a.T @ a + 1.0 * torch.eye(a.shape[1], dtype=a.dtype), a.T @ t)
+    coef = torch.linalg.solve(a.T @ a + 1.0 * torch.eye(a.shape[1], dtype=a.dtype), a.T @ fg_tokens(ltr).double())
     b = tte.reshape(-1, tte.shape[-1]).double()
-    b = torch.cat([(b - mu) / sd, torch.ones(len(b), 1, dtype=b.dtype)], 1)
-    prob = (b @ coef).clamp(0, 1).float().view(len(cte), -1)
-    w = prob / prob.sum(1, keepdim=True).clamp_min(1e-6)
-    mx, my = (w * cx).sum(1), (w * cy).sum(1)
-    sx = ((w * (cx - mx[:, None]) ** 2).sum(1)).sqrt()
-    sy = ((w * (cy - my[:, None]) ** 2).sum(1)).sqrt()
-    pred = torch.stack([mx - 2 * sx, my - 2 * sy, mx + 2 * sx, my + 2 * sy], 1).clamp(0, canvas)
-    ix = (torch.minimum(pred[:, 2], bte[:, 2]) - torch.maximum(pred[:, 0], bte[:, 0])).clamp_min(0)
-    iy = (torch.minimum(pred[:, 3], bte[:, 3]) - torch.maximum(pred[:, 1], bte[:, 1])).clamp_min(0)
-    inter = ix * iy
-    area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # noqa: E731
-    iou = inter / (area(pred) + area(bte) - inter).clamp_min(1e-6)
-    centre_err = ((mx - (bte[:, 0] + bte[:, 2]) / 2) ** 2 + (my - (bte[:, 1] + bte[:, 3]) / 2) ** 2).sqrt()
-    token_acc = float(((prob > 0.5).long().reshape(-1) == labels(bte)).float().mean())
-    return {"mIoU": float(iou.mean()), "centre_err_px": float(centre_err.mean()), "token_acc": token_acc}
+    pred = (torch.cat([(b - mu) / sd, torch.ones(len(b), 1, dtype=b.dtype)], 1) @ coef) > 0.5
+    true = fg_tokens(lte)
+    ftr, ytr = roi(ttr, otr)
+    fte, yte = roi(tte, ote)
+    return {"mask_IoU": float((pred & true).sum()) / max(float((pred | true).sum()), 1.0),
+            "chance_mask_IoU": float(true.float().mean()),
+            "roi_top1": LinearProbe().fit(ftr, ytr).accuracy(fte, yte),
+            "clutter": float(clutter), "scenes_test": int(len(xte))}
+
+
+def spatial_clutter_for(dataset: str, path: Path = SEVERITY_FILE) -> float:
+    """The calibrated background clutter of the spatial probe for ``dataset`` (severities.json), 0 if none."""
+    table = json.loads(path.read_text()).get("spatial_clutter", {}) if path.exists() else {}
+    return float(table.get(dataset, 0.0))
 
 
 def evaluate(model: nn.Module, split: Any, cfg: Any, *, robust: bool = True, spatial: bool = False,
@@ -280,5 +291,5 @@ def evaluate(model: nn.Module, split: Any, cfg: Any, *, robust: bool = True, spa
         out["mFR"] = out["robustness"]["mFR"]
         out["mD4"] = out["robustness"]["mD4"]
     if spatial:
-        out["spatial"] = spatial_transfer(model, split.x_train, split.x_test, mean, std, cfg.patch)
+        out["spatial"] = spatial_transfer(model, split, mean, std, cfg.patch)
     return out

@@ -21,11 +21,11 @@ COLUMNS: List[Tuple[str, str, bool]] = [
     ("mCA", "corrupted top-1 (mean)", True),
     ("mFR", "flip probability (mean)", False),
     ("mD4", "D4-moved top-1", True),
-    ("spatial_mIoU", "spatial mIoU", True),
-    ("spatial_centre_err_px", "spatial centre err (px)", False),
+    ("spatial_mask_IoU", "spatial mask IoU", True),
+    ("spatial_roi_top1", "spatial RoI top-1", True),
 ]
 
-PCT = ("linear_top1", "knn_top1", "mCA", "mD4", "spatial_mIoU")
+PCT = ("linear_top1", "knn_top1", "mCA", "mD4", "spatial_roi_top1")
 
 ARM_LABELS = {
     "baseline": "baseline (stock ViT, host views only)",
@@ -40,7 +40,7 @@ ARM_LABELS = {
 def git_commit(root: Optional[Path] = None) -> Dict[str, Any]:
     """The commit that produces a result: ``{"commit": full sha, "dirty": [changed files that affect results]}``.
 
-    ``dirty`` lists uncommitted changes under ser_plugin/, examples/demo/ and benchmarks/study*.py (the code
+    ``dirty`` lists uncommitted changes under ser_plugin/, examples/demo/ and study/*.py (the code
     that produces the demo and study numbers); committed result files must have an empty list.
     """
     import subprocess
@@ -48,12 +48,12 @@ def git_commit(root: Optional[Path] = None) -> Dict[str, Any]:
     root = root or Path(__file__).resolve().parents[3]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=20).stdout.strip()
-        st = subprocess.run(["git", "status", "--porcelain", "--", "ser_plugin", "examples/demo", "benchmarks"], cwd=root,
+        st = subprocess.run(["git", "status", "--porcelain", "--", "ser_plugin", "examples/demo", "study"], cwd=root,
                             capture_output=True, text=True, timeout=20).stdout.splitlines()
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": []}
-    dirty = [ln[3:] for ln in st if ln[3:].startswith(("ser_plugin", "examples/demo")) or "benchmarks/study" in ln[3:]]
-    dirty = [d for d in dirty if not d.startswith("benchmarks/results")]
+    dirty = [ln[3:] for ln in st if ln[3:].startswith(("ser_plugin", "examples/demo", "study/"))
+             and not ln[3:].startswith(("examples/demo/results", "study/results", "study/README"))]
     return {"commit": sha or None, "dirty": dirty}
 
 

@@ -24,7 +24,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +76,9 @@ class Config:
     # a SERConfig preset (e.g. "authors"): its views, photometrics, head and late [CLS] replace the arm's; scale stays
     # off because the matched budget concatenates the SER views with b1's fixed-size crops
     preset: Optional[str] = None
+    # False: b2's T_eq views feed SER's loss only, not the host's SSL loss (no L_inv2 on D4-moved views). Not the
+    # paper (there, b2's views join the invariance loss); isolates what L_inv2's D4 invariance does.
+    b2_in_ssl: bool = True
 
     def resolved(self) -> Config:
         c = copy.copy(self)
@@ -247,9 +250,12 @@ def _normalise(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     return (x - mean) / std
 
 
-def pretrain(cfg: Config, x_train: Tensor, progress: Optional[Callable[..., Any]] = None) -> Trained:
+def pretrain(cfg: Config, x_train: Tensor, progress: Optional[Callable[..., Any]] = None,
+             checkpoints: Sequence[int] = (), on_checkpoint: Optional[Callable[[int, nn.Module], None]] = None) -> Trained:
     """Pretrains one arm. ``x_train``: (N, C, S, S) in [0, 1]. Returns the backbone with its hooks still on
-    (late [CLS] is part of the architecture); evaluation uses the backbone as is."""
+    (late [CLS] is part of the architecture); evaluation uses the backbone as is. ``on_checkpoint(step, backbone)``
+    is called after each step count in ``checkpoints`` (learning curves; the backbone is put in eval mode for the
+    call and back in train mode after it)."""
     cfg = cfg.resolved()
     arm = ARMS[cfg.arm]
     torch.manual_seed(cfg.seed)
@@ -312,13 +318,14 @@ def pretrain(cfg: Config, x_train: Tensor, progress: Optional[Callable[..., Any]
             f1, f2 = backbone(torch.cat([a1, a2])).chunk(2)
             equiv = torch.zeros((), device=dev)
             v1, v2 = a1, a2
-            if pair is not None:
+            if pair is not None and (ser is not None or cfg.b2_in_ssl):
                 with ser.capture() if ser is not None else nullcontext():
                     e1, e2 = backbone(torch.cat([pair.x1, pair.x2])).chunk(2)
                 if ser is not None:
                     equiv = ser.loss(pair)
-                f1, f2 = torch.cat([f1, e1]), torch.cat([f2, e2])
-                v1, v2 = torch.cat([a1, pair.x1]), torch.cat([a2, pair.x2])
+                if cfg.b2_in_ssl:  # the paper: b2's views join the host's invariance loss (L_inv2)
+                    f1, f2 = torch.cat([f1, e1]), torch.cat([f2, e2])
+                    v1, v2 = torch.cat([a1, pair.x1]), torch.cat([a2, pair.x2])
             inv = obj.loss(f1, f2, v1, v2, epoch)
             loss = inv + equiv
             opt.zero_grad(set_to_none=True)
@@ -340,6 +347,12 @@ def pretrain(cfg: Config, x_train: Tensor, progress: Optional[Callable[..., Any]
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(inv=f"{rec['inv']:.3f}", equiv=f"{rec['equiv']:.3f}")
+            if on_checkpoint is not None and step in checkpoints:
+                rng = torch.get_rng_state()  # the evaluation must not change the rest of the training run
+                backbone.eval()
+                on_checkpoint(step, backbone)
+                backbone.train()
+                torch.set_rng_state(rng)
     if bar is not None:
         bar.close()
     backbone.eval()
