@@ -57,7 +57,7 @@ _HOST_GROUPS: Dict[int, Tuple[Any, Any]] = {}
 def _host_group() -> Tuple[bool, Any]:
     """``(usable, group)`` for exchanging CPU tensors: the default group if its backend takes CPU tensors,
     else a gloo group over the same ranks, made on first use (every rank reaches the first gathered loss
-    call in the same step, see the README's distributed contract)."""
+    call in the same step, see docs/scale.md, "The contract")."""
     backend = str(dist.get_backend()).lower()
     if "gloo" in backend or "mpi" in backend:
         return True, None

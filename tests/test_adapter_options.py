@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import os
 import re
 
@@ -109,9 +110,9 @@ def test_recipes_are_valid_and_stated_once_in_the_docs() -> None:
         assert recipe(name).layer == 3
     with pytest.raises(SERError, match="available"):
         recipe("simclr")
-    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    readme = open(os.path.join(ROOT, "docs", "configuration.md"), encoding="utf-8").read()
     method = open(os.path.join(ROOT, "docs", "method.md"), encoding="utf-8").read()
-    # README's Adapters section: | `name` | layer | lam | tau | b2_share | ... (one row per recipe, plus the library defaults)
+    # docs/configuration.md, "Recipes": | `name` | layer | lam | tau | b2_share | ... (one row per recipe, plus the library defaults)
     rows = {m[0]: tuple(float(v) for v in m[1:]) for m in re.findall(r"^\| `(\w+)` \| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", readme, re.M)}
     want = {k: (v["layer"], v["lam"], v["tau"], v["b2_share"]) for k, v in HOST_RECIPES.items()}
     assert rows == want, rows
@@ -128,7 +129,7 @@ def test_recipes_are_valid_and_stated_once_in_the_docs() -> None:
 
 def test_docs_use_the_one_set_of_option_names() -> None:
     stale = re.compile(r"--ser_\w+|--ser-lambda|--ser-b2\b(?!-share)|\+\+ser\.b2=|SERCallback\([^)]*\bb2=|\bser\.b2\b")
-    paths = ["README.md", "docs/method.md", "examples/README.md"]
+    paths = ["README.md", "examples/README.md"] + [os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True)]
     for d in ("examples/moco_v3", "examples/dino", "examples/solo_learn", "examples/dinov2"):
         paths += [os.path.join(d, f) for f in os.listdir(os.path.join(ROOT, d)) if f.endswith((".md", ".py"))]
     paths += ["examples/lightly_dino.py", "examples/quickstart.py", "examples/stateless.py"]

@@ -1,5 +1,5 @@
 """Stateless recipes: timm ``forward_intermediates`` feeding ``SERLoss`` equals the hook path; ``SERLoss`` used
-lightly-style inside a lightly-style loop; the README's comparison snippet with lightly's dense loss runs."""
+lightly-style inside a lightly-style loop; the comparison with lightly's dense loss (docs/integrations/stateless.md) runs."""
 
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def test_serloss_lightly_style_in_a_lightly_style_loop() -> None:
 
 
 def test_readme_comparison_snippet_with_lightlys_dense_loss() -> None:
-    """The README's side-by-side: both losses on the same layer-L maps (SERLoss on (n, C, h, w) + the pair;
+    """The side-by-side of docs/integrations/stateless.md: both losses on the same layer-L maps (SERLoss on (n, C, h, w) + the pair;
     PatchKernelAlignmentLoss on (B, N, D) token lists of aligned student/teacher maps)."""
     lightly_loss = pytest.importorskip("lightly.loss", reason="lightly is not installed (pip install lightly)")
     if not hasattr(lightly_loss, "PatchKernelAlignmentLoss"):

@@ -1,6 +1,6 @@
 """Mixed precision: SER's similarities are fp32 whatever the encoder's precision.
 
-Tolerance (stated in README.md, "Running at scale"): under CPU bf16 autocast the loss is within 2% (relative)
+Tolerance (stated in docs/scale.md, "Mixed precision"): under CPU bf16 autocast the loss is within 2% (relative)
 of fp32 on the same weights and views, and the encoder gradients point the same way (cosine > 0.99).
 """
 

@@ -422,7 +422,8 @@ def test_lightning_cli_configures_the_callback_from_its_signature(tmp_path) -> N
         warnings.simplefilter("ignore")
         cli = LightningCLI(TinySSL, run=False, save_config_kwargs={"overwrite": True},
                            args=["--config", str(cfg), "--trainer.callbacks.init_args.config.tau=0.3", "--trainer.max_steps=1",
-                                 "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false"])
+                                 "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
+                                 f"--trainer.default_root_dir={tmp_path}"])  # its config.yaml goes there, not into the cwd
     (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, SERCallback)]
     assert isinstance(cb.config, SERConfig)
     assert (cb.config.layer, cb.config.lam, cb.config.tau, cb.config.head, cb.config.b2_share) == (2, 0.5, 0.3, True, 0.5)
