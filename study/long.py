@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import time
@@ -31,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from sensitivity import RESULTS, VARIANTS, config_for_dims  # noqa: E402
+from sensitivity import RESULTS, VARIANTS, claim_job, config_for_dims  # noqa: E402
 from ser_demo.data import load_data  # noqa: E402
 from ser_demo.evaluate import evaluate  # noqa: E402
 from ser_demo.report import git_commit, mean_std, welch  # noqa: E402
@@ -89,12 +88,8 @@ def run_jobs(args: argparse.Namespace) -> None:
                 claim = path.with_suffix(".running")
                 if path.exists():
                     continue
-                try:
-                    fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                except FileExistsError:
+                if not claim_job(claim):
                     continue
-                os.write(fd, str(os.getpid()).encode())
-                os.close(fd)
                 try:
                     c0 = time.process_time()
                     rec = run_one_long(d, v, seed, args.steps, cps)

@@ -100,6 +100,16 @@ COLS = [("linear_top1", "linear top-1", 100, 1), ("knn_top1", "kNN top-1", 100, 
         ("spatial_mask_IoU", "spatial mask IoU", 1, 3), ("spatial_roi_top1", "spatial RoI top-1", 100, 1)]
 
 
+def claim_job(claim) -> bool:
+    """Atomically claim one job of a list that several worker processes share: True when this process got it."""
+    try:
+        fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return True
+
 def run_name(dataset: str, variant: str, seed: int) -> str:
     return f"{dataset}_{variant}_s{seed}"
 
@@ -168,12 +178,8 @@ def run_jobs(jobs: List[tuple]) -> None:
             import_demo()  # the demo's runs, when it has finished them with this configuration
         if path.exists():
             continue
-        try:  # atomic claim: several worker processes share one job list
-            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
+        if not claim_job(claim):
             continue
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
         try:
             if d not in splits:
                 splits[d] = load_data(d, Config().img_size)
