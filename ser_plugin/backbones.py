@@ -61,8 +61,9 @@ class MapDescription(ViTDescription):
     Attributes:
         family: e.g. ``"timm ResNet"``. layout: ``"NCHW"`` or ``"NHWC"`` (what the hooked modules return).
         layer_names: the dotted module name of each layer. strides: each layer's total stride (None: unknown).
-        widths: each layer's channel count (None: unknown). (``layer``, inherited: the chosen layer, set by
-        :func:`at_layer`.)
+        widths: each layer's channel count (None: unknown). borders: cells each layer's map has beyond
+        ``side / stride`` (0 for every stock model; 2 for the first map of a stem padded by 2 more pixels than it
+        needs, as solo-learn's CIFAR ResNet). (``layer``, inherited: the chosen layer, set by :func:`at_layer`.)
     """
 
     family: str = ""
@@ -70,13 +71,20 @@ class MapDescription(ViTDescription):
     layer_names: Tuple[str, ...] = ()
     strides: Tuple[Optional[int], ...] = ()
     widths: Tuple[Optional[int], ...] = ()
+    borders: Tuple[int, ...] = ()
+
+    def border(self, layer: int) -> int:
+        """Cells layer ``layer``'s map has beyond ``side / stride`` (see ``borders``)."""
+        return self.borders[layer - 1] if layer - 1 < len(self.borders) else 0
 
     def meaning(self, layer: int) -> str:
         """What ``layer`` (1-based) is in this model, e.g. ``"layer3 output (stride 16, 256 ch)"``."""
         i = layer - 1
         stride = self.strides[i] if i < len(self.strides) else None
         width = self.widths[i] if i < len(self.widths) else None
-        extra = ", ".join(x for x in (f"stride {stride}" if stride else "", f"{width} ch" if width else "") if x)
+        b = self.border(layer)
+        extra = ", ".join(x for x in (f"stride {stride}" if stride else "", f"{width} ch" if width else "",
+                                      f"{b:+d} border cell{'s' if abs(b) != 1 else ''}" if b else "") if x)
         return f"{self.layer_names[i] or 'block ' + str(layer)} output" + (f" ({extra})" if extra else "")
 
     @property
@@ -207,14 +215,38 @@ def probe_layers(model: nn.Module, modules: Sequence[nn.Module], in_chans: int, 
     return None if any(sh is None for sh in shapes) else shapes  # type: ignore[return-value]
 
 
-def _measured(shapes: Optional[List[Tuple[int, ...]]], layout: str, size: int) -> Optional[Tuple[Tuple[int, ...], Tuple[int, ...]]]:
-    """(strides, widths) from probed 4-D shapes; None if they are not 4-D or the size is not a whole multiple."""
+def _measured(shapes: Optional[List[Tuple[int, ...]]], layout: str, size: int,
+              shapes2: Optional[List[Tuple[int, ...]]] = None) -> Optional[Tuple[Tuple[int, ...], Tuple[int, ...], Tuple[int, ...]]]:
+    """(strides, widths, border cells) from probed 4-D shapes at side ``size`` (and, if given, ``2 * size``).
+
+    With the second probe the stride is read from the difference, ``size / (h(2·size) − h(size))``, so a stem whose
+    padding adds pixels (solo-learn's CIFAR ResNet: a 3×3 stride-1 ``conv1`` with ``padding=2``, so an S-pixel
+    image gives an (S + 2)-cell first map) is described as it runs: stride 1 with 2 border cells. The border is
+    what the map has beyond ``size / stride`` at the probe size. None if the shapes are not 4-D or give no whole
+    stride."""
     if shapes is None or any(len(sh) != 4 for sh in shapes):
         return None
     hw = [(sh[1], sh[3]) if layout == "NHWC" else (sh[2], sh[1]) for sh in shapes]
-    if any(h < 1 or size % h for h, _ in hw):
+    if any(h < 1 for h, _ in hw):
         return None
-    return tuple(size // h for h, _ in hw), tuple(c for _, c in hw)
+    widths = tuple(c for _, c in hw)
+    if shapes2 is not None and len(shapes2) == len(shapes) and all(len(sh) == 4 for sh in shapes2):
+        hw2 = [sh[1] if layout == "NHWC" else sh[2] for sh in shapes2]
+        steps = [h2 - h for h2, (h, _) in zip(hw2, hw)]
+        if all(d > 0 and size % d == 0 for d in steps):
+            strides = tuple(size // d for d in steps)
+            return strides, widths, tuple(h - size // s for (h, _), s in zip(hw, strides))
+    if any(size % h for h, _ in hw):
+        return None
+    return tuple(size // h for h, _ in hw), widths, (0,) * len(hw)
+
+
+def _probe_twice(model: nn.Module, blocks: Sequence[nn.Module], in_chans: int, size: int, layout: str,
+                 forward: Optional[Callable[[nn.Module, Tensor], Any]] = None):  # noqa: ANN202
+    """:func:`_measured` from probes at ``size`` and ``2 * size`` (a model with one fixed input size: ``size`` only)."""
+    first = probe_layers(model, blocks, in_chans, size, forward)
+    second = probe_layers(model, blocks, in_chans, 2 * size, forward) if first is not None else None
+    return first, _measured(first, layout, size, second)
 
 
 def describe_map_family(model: nn.Module) -> Optional[MapDescription]:
@@ -245,12 +277,13 @@ def describe_map_family(model: nn.Module) -> Optional[MapDescription]:
     in_chans = conv.in_channels if conv is not None else None
     strides, widths = tuple(s for _, _, s in layers), tuple(w for _, w, _ in layers)
     size = _probe_size(root)
-    measured = _measured(probe_layers(model, blocks, in_chans or 3, size), layout, size)
+    borders: Tuple[int, ...] = (0,) * len(layers)
+    measured = _probe_twice(model, blocks, in_chans or 3, size, layout)[1]
     if measured is not None:  # what the model does, not what its class declares (a replaced stem changes the strides)
-        strides, widths = measured
+        strides, widths, borders = measured
     return MapDescription(blocks=blocks, blocks_path=None, patch_size=None, num_prefix_tokens=0, width=None,
                           in_chans=in_chans, accepts_other_sizes=_other_sizes(root, family),
-                          family=family, layout=layout, layer_names=names, strides=strides, widths=widths)
+                          family=family, layout=layout, layer_names=names, strides=strides, widths=widths, borders=borders)
 
 
 def _path(model: nn.Module, sub: nn.Module) -> str:
@@ -272,17 +305,16 @@ def _user_cnn(model: nn.Module, desc: ViTDescription, forward: Optional[Callable
     conv = next((c for c in model.modules() if isinstance(c, nn.Conv2d)), None)
     in_chans = desc.in_chans or (conv.in_channels if conv is not None else 3)
     for size in (224, 64, 32):
-        shapes = probe_layers(model, desc.blocks, in_chans, size, forward)
+        shapes, measured = _probe_twice(model, desc.blocks, in_chans, size, "NCHW", forward)
         if shapes is not None:
             break
     if shapes is None or any(len(sh) != 4 for sh in shapes):
         return None
-    measured = _measured(shapes, "NCHW", size)
-    strides, widths = measured if measured is not None else ((None,) * len(shapes), tuple(sh[1] for sh in shapes))
+    strides, widths, borders = measured if measured is not None else ((None,) * len(shapes), tuple(sh[1] for sh in shapes), (0,) * len(shapes))
     names = tuple((f"{desc.blocks_path}.{i}" if desc.blocks_path else f"blocks[{i}]") for i in range(len(shapes)))
     return MapDescription(blocks=desc.blocks, blocks_path=desc.blocks_path, patch_size=desc.patch_size, num_prefix_tokens=0,
                           width=None, in_chans=in_chans, accepts_other_sizes=True, family=f"{type(model).__name__} (blocks=)",
-                          layout="NCHW", layer_names=names, strides=strides, widths=widths)
+                          layout="NCHW", layer_names=names, strides=strides, widths=widths, borders=borders)
 
 
 def describe_backbone(model: nn.Module, blocks: BlocksArg = None, patch_size: Optional[int] = None,
@@ -386,10 +418,14 @@ def block_map(output: Tensor, hw: Optional[Tuple[int, int]], desc: ViTDescriptio
     patch = desc.patch_size
     if hw is not None and patch is not None:
         want = (hw[0] // patch[0], hw[1] // patch[1])
-        if tuple(fmap.shape[-2:]) != want:
+        b = desc.border(layer) if isinstance(desc, MapDescription) else 0
+        # a padded stem: the map is `b` cells larger than side / stride (± 1 from the strided layers' rounding)
+        ok = (lambda d: d == 0) if b == 0 else (lambda d: min(0, b) - 1 <= d <= max(0, b) + 1)
+        if not all(ok(got - w) for got, w in zip(fmap.shape[-2:], want)):
+            border = f" plus the {b:+d} border cells measured at attach" if b else ""
             raise SERError(
                 f"layer {layer}: the {layout} map is {tuple(output.shape)}, so {tuple(fmap.shape[-2:])} cells, but an input of {hw} at stride "
-                f"{patch[0]} gives {want}. Feed images whose sides are multiples of the stride (SER's views are) or check the layout"
+                f"{patch[0]} gives {want}{border}. Feed images whose sides are multiples of the stride (SER's views are) or check the layout"
                 + (" (this family's layers are NHWC)" if layout == "NHWC" else "") + "."
             )
     return fmap

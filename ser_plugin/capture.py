@@ -180,8 +180,9 @@ def split_captures(records: List[Tensor], inputs: List[Optional[InputInfo]], pai
     )
 
 
-def check_pair(pair: ViewPair, f1: Tensor, f2: Tensor, patch: Optional[Tuple[int, int]], layer: int) -> None:
-    """Shapes of the pair, its elements and the two maps agree.
+def check_pair(pair: ViewPair, f1: Tensor, f2: Tensor, patch: Optional[Tuple[int, int]], layer: int, border: int = 0) -> None:
+    """Shapes of the pair, its elements and the two maps agree (``border``: cells a padded stem adds to the
+    map beyond ``side / stride``, see :class:`~ser_plugin.backbones.MapDescription`).
 
     Raises:
         SERError: any disagreement, with the shapes.
@@ -196,8 +197,10 @@ def check_pair(pair: ViewPair, f1: Tensor, f2: Tensor, patch: Optional[Tuple[int
     if patch is not None:
         for i, (x, f) in enumerate(((pair.x1, f1), (pair.x2, f2)), 1):
             grid = (x.shape[-2] // patch[0], x.shape[-1] // patch[1])
-            if tuple(f.shape[-2:]) != grid:
-                raise SERError(f"view {i} is {tuple(x.shape)} (grid {grid}) but its captured map is {tuple(f.shape)} at layer {layer}: captures out of order or not these views.")
+            off = [got - want for got, want in zip(f.shape[-2:], grid)]
+            if any(d != 0 for d in off) if not border else any(not (min(0, border) - 1 <= d <= max(0, border) + 1) for d in off):
+                extra = f" plus {border:+d} border cells" if border else ""
+                raise SERError(f"view {i} is {tuple(x.shape)} (grid {grid}{extra}) but its captured map is {tuple(f.shape)} at layer {layer}: captures out of order or not these views.")
 
 
 def _correlation(a: Tensor, b: Tensor) -> Tensor:

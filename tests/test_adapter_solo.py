@@ -63,3 +63,24 @@ def test_solo_lambda_zero_leaves_the_host_loss() -> None:
     assert all(g == 0 for g in r["ser_grad_norms"])  # lambda = 0: no gradient from SER
     assert r["late_cls_pre_hooks"] == {"backbone": 1, "momentum_backbone": 1}  # both encoders: late [CLS]
     assert r["momentum_capture_hooks"] == 0
+
+
+def test_solo_resnet18_cifar_config_one_step() -> None:
+    """solo's CIFAR MoCo-v3 configuration as shipped (ResNet-18, dataset cifar10: solo itself swaps in its CIFAR stem,
+    a 3x3 stride-1 conv1 with padding 2 and no max-pool); SER at layer 3 (layer2's output) with the token head."""
+    r = _run("--backbone", "resnet18", "--layer", "3", "--head")
+    assert r["backbone_class"] == "ResNet" and r["stem_conv"] == [[3, 3], [1, 1]] and r["maxpool"] == "Identity"
+    assert r["layer_names"] == ["relu", "layer1", "layer2", "layer3", "layer4"]
+    # the strides as the CIFAR stem runs them (not the class's 2, 4, 8, 16, 32), with its border cells
+    assert r["map_stride"] == [2, 2] and "layer2 output (stride 2, 128 ch, +1 border cell)" in r["handle"]
+    assert "1=relu output (stride 1, 64 ch, +2 border cells)" in r["handle"]
+    assert r["ser_loss_finite"] and r["ser_loss"] > 0 and r["total_loss"] > r["host_loss"]
+    assert r["stem_grad"] > 0  # SER's gradient reaches the first convolution
+    assert r["params_per_layer"][0] == 0  # layer 1 is the stem's ReLU: no parameters of its own
+    assert all(g > 0 for g in r["ser_grad_norms"][1:3]), r["ser_grad_norms"]
+    assert all(g == 0 for g in r["ser_grad_norms"][3:]), r["ser_grad_norms"]  # nothing above layer 3
+    assert r["online_hook_blocks"] == [3] and r["online_capture_hooks"] == 1 and r["momentum_capture_hooks"] == 0
+    assert r["ser_params"] > 0 and r["ser_params_in_optimizer"] and r["ser_group"] == ["ser_head"]
+    assert r["ser_config"] == [3, 1.0, 0.3, 0.25] and r["b2"] == 2
+    assert r["mean_std"] == [[0.4914, 0.4822, 0.4465], [0.247, 0.2435, 0.2616]]  # solo's CIFAR-10 Normalize
+    assert r["host_loss"] == pytest.approx(r["host_loss_recomputed"], abs=1e-6, rel=1e-6)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 
 import pytest
 import torch
@@ -167,6 +168,36 @@ def test_modified_stem_strides_are_measured():
     assert ser.vit.strides == (1, 1, 2, 4, 8) and ser.patch_size == (2, 2)
     assert ser.encode(_images()).shape == (4, 128, 16, 16)
     ser.remove()
+
+
+def test_padded_cifar_stem_border_cells():
+    """solo-learn's CIFAR ResNet: conv1 3x3 stride 1 with padding=2, no max-pool, so a 32-px image gives 34-cell
+    first maps and 17 / 9 / 5 after. Strides are read from two probe sizes (1, 1, 2, 4, 8), the extra cells are
+    the layers' borders, captures of that size are accepted, other sizes are still refused, scale views refused."""
+    model = tv_resnet18()
+    model.conv1 = nn.Conv2d(3, 64, 3, 1, 2, bias=False)
+    model.maxpool = nn.Identity()
+    model.fc = nn.Identity()
+    ser = attach_ser(model, 3, photometric=None)
+    assert ser.vit.strides == (1, 1, 2, 4, 8) and ser.vit.borders == (2, 2, 1, 1, 1) and ser.patch_size == (2, 2)
+    assert "layer2 output (stride 2, 128 ch, +1 border cell)" in repr(ser)
+    assert ser.encode(_images()).shape == (4, 128, 17, 17)
+    pair = ser.views(_images())
+    with ser.capture():
+        model(pair.x1), model(pair.x2)
+    loss = ser.loss(pair)
+    loss.backward()
+    assert torch.isfinite(loss) and model.conv1.weight.grad.abs().sum() > 0 and model.layer3[0].conv1.weight.grad is None
+    # a map that is not side/stride + border (here a capture of other images' maps) is still refused
+    with ser.capture():
+        model(_images(4, 64)), model(_images(4, 64))
+    with pytest.raises(SERError, match=r"grid \(16, 16\) plus \+1 border cells.*captured map is \(4, 128, 33, 33\)"):
+        ser.loss(pair)
+    ser.remove()
+    with pytest.raises(SERError, match="layer 3 of ResNet has \\+1 border cells"):
+        attach_ser(model, 3, scale=(0.7, 1.3))
+    stock = tv_resnet18()
+    assert attach_ser(stock, 3).vit.borders == (0, 0, 0, 0, 0)  # every stock family: no border, the exact check
 
 
 def test_user_cnn_through_blocks():
@@ -477,43 +508,71 @@ def test_ddp_gather_path_accepts_cnn_maps():
 # ------------------------------------------------------------------------------------------------ DDP
 
 
-def test_ddp_on_cnn_maps_equals_one_process(tmp_path):
-    """2 gloo processes x 4 images (tiny timm ConvNeXt, SER at stages.1): the same losses, gradients and SGD update
-    as one process on all 8 images."""
-    import os
+def _one_process_maps_step(step, lr=None, **options):
+    from dist_helpers.common import make_images, make_pair, ser_step
+
+    net = step.make_convnext(0)
+    ser = attach_ser(net, step.LAYER, photometric=None, **options)
+    return ser_step(net, ser, make_pair(make_images(step.N, seed=30), seed=31), net, lr=lr)
+
+
+def _maps_step_module():
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from dist_helpers import ddp_maps_step
+
+    return ddp_maps_step
+
+
+def test_memory_linear_loss_on_cnn_maps_equals_dense():
+    """The chunked negative log-sum-exp (chunk_elements far below one image's (h*w)^2 similarities) gives the dense
+    loss and gradients on a CNN map."""
+    step = _maps_step_module()
+    dense = _one_process_maps_step(step)
+    chunked = _one_process_maps_step(step, chunk_elements=step.CHUNK)
+    assert torch.allclose(chunked["ser"], dense["ser"], atol=1e-6, rtol=1e-6), (chunked["ser"], dense["ser"])
+    bad = [n for n in dense["grads"] if not torch.allclose(chunked["grads"][n], dense["grads"][n], atol=1e-6, rtol=1e-5)]
+    assert not bad and len(dense["grads"]) == len(chunked["grads"]) > 0, bad[:5]
+
+
+@pytest.fixture(scope="module")
+def maps_dist_results(tmp_path_factory):
+    """One torchrun launch (2 gloo processes) of tests/dist_helpers/ddp_maps_step.py: DDP, FSDP2, DDP + chunked loss."""
     import subprocess
     import sys
 
     here = os.path.dirname(os.path.abspath(__file__))
-    sys.path.insert(0, here)
-    from dist_helpers import ddp_maps_step as step
-    from dist_helpers.common import make_images, make_pair
-
+    out = tmp_path_factory.mktemp("maps_dist")
     env = dict(os.environ, PYTHONPATH=os.path.dirname(here) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(here, "dist_helpers", "ddp_maps_step.py"), "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+           os.path.join(here, "dist_helpers", "ddp_maps_step.py"), "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False)["convnext"] for r in (0, 1)]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+def _close(a, b):
+    return torch.allclose(a, b, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("scenario", ["convnext", "convnext_fsdp", "convnext_chunked"])
+def test_distributed_on_cnn_maps_equals_one_process(maps_dist_results, scenario):
+    """2 gloo processes x 4 images (tiny timm ConvNeXt, SER at stages.1) under DDP, FSDP2 (fully_shard on each stage
+    and the root) and DDP with the chunked loss: the same losses and gradients (and, DDP, SGD update) as one
+    process on all 8 images."""
+    step = _maps_step_module()
+    res = [r[scenario] for r in maps_dist_results]
     for r in res:
         assert "error" not in r, r.get("traceback")
-    net = step.make_convnext(0)
-    ser = attach_ser(net, step.LAYER, photometric=None)
-    pair = make_pair(make_images(step.N, seed=30), seed=31)
-    with ser.capture():
-        o1, o2 = net(pair.x1), net(pair.x2)
-    host = (o1 - o2).pow(2).mean()
-    ser_loss = ser.loss(pair)
-    (host + ser_loss).backward()
-    grads = {n: p.grad.detach().clone() for n, p in net.named_parameters()}
-    torch.optim.SGD(net.parameters(), lr=step.LR).step()
-
-    def close(a, b):
-        return torch.allclose(a, b, atol=2e-5, rtol=1e-4)
-
-    assert close((res[0]["ser"] + res[1]["ser"]) / 2, ser_loss.detach()), (res[0]["ser"], res[1]["ser"], ser_loss)
-    assert not close(res[0]["ser"], res[1]["ser"])  # the ranks saw different images
+    fsdp = scenario == "convnext_fsdp"
+    ref = _one_process_maps_step(step, lr=None if fsdp else step.LR)
+    assert _close((res[0]["ser"] + res[1]["ser"]) / 2, ref["ser"]), (res[0]["ser"], res[1]["ser"], ref["ser"])
+    assert not _close(res[0]["ser"], res[1]["ser"])  # the ranks saw different images
+    if fsdp:
+        assert res[0]["sharded"] == "DTensor"  # the parameters really are sharded
     for r in res:
-        bad = [n for n in grads if not close(r["grads"][n], grads[n])]
-        assert not bad, bad[:5]
-        assert all(close(r["params"][n], p.detach()) for n, p in net.named_parameters())
+        bad = [n for n in ref["grads"] if not _close(r["grads"][n], ref["grads"][n])]
+        assert not bad and set(r["grads"]) == set(ref["grads"]), bad[:5]
+        if not fsdp:
+            assert all(_close(r["params"][n], ref["params"][n]) for n in ref["params"])

@@ -39,3 +39,6 @@ def test_demo_smoke_with_a_resnet(tmp_path):
     assert (tmp_path / "demo_results.md").exists()
     text = (tmp_path / "demo_results.md").read_text()
     assert "--backbone resnet" in text
+    # the report names the family it trained, not the ViT
+    assert "SER (stock ResNet)" in text and "baseline (stock ResNet, host views only)" in text
+    assert "ViT" not in text.replace("[CLS]", ""), [ln for ln in text.splitlines() if "ViT" in ln]

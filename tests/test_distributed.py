@@ -18,7 +18,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from dist_helpers import ddp_step, lightning_step  # noqa: E402
-from dist_helpers.common import LAYER, make_images, make_pair, make_vit, naive_ser_loss  # noqa: E402
+from dist_helpers.common import LAYER, make_images, make_pair, make_vit, naive_ser_loss, ser_step  # noqa: E402
 
 from ser_plugin import TokenInfoNCE, attach_ser  # noqa: E402
 
@@ -74,15 +74,8 @@ def _reference_even():
     torch.manual_seed(1)
     ser = attach_ser(vit, LAYER, head=True, head_dims=(16, 16), photometric=None)
     holder = _Holder(vit, ser)
-    pair = make_pair(make_images(ddp_step.EVEN_N, seed=10), seed=11)
-    with ser.capture():
-        o1, o2 = vit(pair.x1), vit(pair.x2)
-    host = (o1 - o2).pow(2).mean()
-    ser_loss = ser.loss(pair)
-    (host + ser_loss).backward()
-    grads = {n: p.grad.detach().clone() for n, p in holder.named_parameters()}
-    torch.optim.SGD(holder.parameters(), lr=ddp_step.LR).step()
-    return host.detach(), ser_loss.detach(), grads, {n: p.detach().clone() for n, p in holder.named_parameters()}
+    out = ser_step(vit, ser, make_pair(make_images(ddp_step.EVEN_N, seed=10), seed=11), holder, lr=ddp_step.LR)
+    return out["host"], out["ser"], out["grads"], out["params"]
 
 
 def test_ddp_even_split_equals_one_process(ddp_results):

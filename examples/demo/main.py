@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from ser_demo.backbones import FAMILIES, apply_backbone_defaults  # noqa: E402
 from ser_demo.data import load_data  # noqa: E402
-from ser_demo.report import ARM_LABELS, COLUMNS, PCT, flatten, git_commit, markdown_table, md_table, plot_demo, welch  # noqa: E402
+from ser_demo.report import BACKBONE_NAMES, COLUMNS, PCT, arm_label, flatten, git_commit, markdown_table, md_table, plot_demo, welch  # noqa: E402
 from ser_demo.run import run_job, run_one  # noqa: E402
 from ser_demo.train import ARMS, OBJECTIVES, Config  # noqa: E402
 
@@ -139,7 +139,8 @@ def main(argv=None) -> dict:
         lam=args.lam, tau=args.tau, lr=args.lr, device=args.device, backbone=args.backbone, max_steps=3 if args.smoke else None, mean=split.mean, std=split.std,
     )
     print(f"data: {split.name}  train {tuple(split.x_train.shape)}  test {tuple(split.x_test.shape)}  classes {split.classes}")
-    print(f"ViT: width {base.width}, depth {base.depth}, patch {base.patch}, {base.img_size}px; {base.objective}; SER layer {base.layer}; "
+    shape = f"patch {base.patch}" if args.backbone == "vit" else f"small timm {args.backbone}"
+    print(f"{BACKBONE_NAMES[args.backbone]}: width {base.width}, depth {base.depth}, {shape}, {base.img_size}px; {base.objective}; SER layer {base.layer}; "
           f"batch {base.batch} (b2 share {base.b2_share}); arms {arms}; seeds {seeds}")
     todo = [(arm, seed) for seed in seeds for arm in arms]
     robust, spatial = not args.no_robust, not args.no_spatial and args.backbone == "vit"  # the spatial probe reads ViT tokens
@@ -174,7 +175,7 @@ def main(argv=None) -> dict:
     wall, cpu = time.perf_counter() - t0, time.process_time()
     per_seed = {a: [records[a][s]["metrics"] for s in seeds] for a in arms}
     flat = {a: [flatten(m) for m in per_seed[a]] for a in arms}
-    table = markdown_table(flat)
+    table = markdown_table(flat, backbone=args.backbone)
     ver = verdicts(flat, comparisons(arms))
     vtable, vlines = verdict_table(ver)
     # the measurement protocol, averaged over seeds: per-element errors at L and the controls
@@ -203,7 +204,7 @@ def main(argv=None) -> dict:
         up = measure_equivariance(net, (split.x_test[:64] - mean) / std, controls=False)
         untrained = up.to_dict()
         i = up.blocks.index(base.layer)
-        prot_rows.append({"arm": "untrained ViT (control)", **{el: f"{up.errors[el]['one_minus_cos_centred'][i]:.3f}" for el in up.errors}})
+        prot_rows.append({"arm": f"untrained {BACKBONE_NAMES[args.backbone]} (control)", **{el: f"{up.errors[el]['one_minus_cos_centred'][i]:.3f}" for el in up.errors}})
     ptable = md_table(prot_rows, list(prot_rows[0])) if prot_rows else ""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -248,10 +249,10 @@ def main(argv=None) -> dict:
            "test images rotated/flipped by the 7 non-identity D4 elements); flip probability = share of consecutive frames whose "
            "prediction changes along rotation (±30°), scale (0.7–1.3) and translation (±25 %) sequences.", ""]
     for arm in arms:
-        md.append(f"- {arm}: {ARM_LABELS.get(arm, arm)}")
+        md.append(f"- {arm}: {arm_label(arm, args.backbone)}")
     (out / "demo_results.md").write_text("\n".join(md) + "\n")
     plot_demo(per_seed, str(out / "demo_results.png"), f"SER demo: {split.name}, {base.objective}, layer {base.layer}/{base.depth}, seeds {seeds}")
-    plot_protocol(per_seed, untrained, str(out / "demo_protocol.png"), base.layer)
+    plot_protocol(per_seed, untrained, str(out / "demo_protocol.png"), base.layer, BACKBONE_NAMES[args.backbone])
     print()
     print(table)
     print()
@@ -266,9 +267,9 @@ def main(argv=None) -> dict:
     return payload
 
 
-def plot_protocol(per_seed: Dict[str, List[Dict[str, Any]]], untrained: Any, path: str, layer: int) -> None:
+def plot_protocol(per_seed: Dict[str, List[Dict[str, Any]]], untrained: Any, path: str, layer: int, family: str = "ViT") -> None:
     """Per-block equivariance error (1 − cos centred, mean over the 7 D4 elements; ± std over seeds) for each arm,
-    with the permutation control and the untrained ViT (object API, no pyplot)."""
+    with the permutation control and the untrained network of the same family (object API, no pyplot)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.4, 4.2))
@@ -285,7 +286,7 @@ def plot_protocol(per_seed: Dict[str, List[Dict[str, Any]]], untrained: Any, pat
         ax.plot(blocks, pc.mean(0), ":", color=f"C{i}", alpha=0.6, label=f"{arm}: permutation control")
     if untrained:
         ax.plot(untrained["blocks"], [np.mean([untrained["errors"][e]["one_minus_cos_centred"][j] for e in d4])
-                                      for j in range(len(untrained["blocks"]))], "-.", color="0.4", label="untrained ViT")
+                                      for j in range(len(untrained["blocks"]))], "-.", color="0.4", label=f"untrained {family}")
     ax.axvline(layer, color="0.8", lw=4, zorder=0)
     if untrained:
         ax.set_xticks(untrained["blocks"])

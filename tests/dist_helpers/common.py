@@ -96,6 +96,30 @@ def flat_grads(model: nn.Module) -> Dict[str, Tensor]:
     return {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
 
 
+def _full(g: Tensor) -> Tensor:
+    return g.full_tensor() if hasattr(g, "full_tensor") else g  # FSDP2 holds DTensor shards
+
+
+def ser_step(call: Callable[[Tensor], Tensor], ser: Any, pair: ViewPair, params_of: nn.Module, lr: Optional[float] = None,
+             host: Optional[Callable[[Tensor, Tensor], Tensor]] = None) -> Dict[str, Any]:
+    """The step every equivalence test compares: both views forwarded through ``call`` (the model, or its DDP /
+    FSDP wrapper) inside ``ser.capture()``, host loss (default: mean squared difference of the outputs, a
+    per-sample mean that DDP's averaging turns into the global mean) + ``ser.loss(pair)``, backward; then, with
+    ``lr``, one SGD step on ``params_of``. Returns host, ser (detached), grads and, with ``lr``, params (full
+    tensors, keyed by ``params_of.named_parameters()``)."""
+    with ser.capture():
+        o1, o2 = call(pair.x1), call(pair.x2)
+    h = host(o1, o2) if host is not None else (o1 - o2).pow(2).mean()
+    ser_loss = ser.loss(pair)
+    (h + ser_loss).backward()
+    out: Dict[str, Any] = {"host": h.detach(), "ser": ser_loss.detach(),
+                           "grads": {n: _full(p.grad).detach().clone() for n, p in params_of.named_parameters() if p.grad is not None}}
+    if lr is not None:
+        torch.optim.SGD(params_of.parameters(), lr=lr).step()
+        out["params"] = {n: _full(p.detach()).clone() for n, p in params_of.named_parameters()}
+    return out
+
+
 def run_scenarios(scenarios: Sequence[Tuple[str, Callable[[int, int], Any]]], out_dir: str, only: Optional[Sequence[str]] = None) -> None:
     """Runs each ``(name, fn(rank, world))`` on this rank (an error is recorded, not raised, so the test can show it),
     with a barrier after each, saves ``rank<r>.pt`` in ``out_dir`` and destroys the process group."""

@@ -1,7 +1,13 @@
-"""One SER step on a CNN map under DDP (gloo, CPU, 2 processes); run by torchrun, writes rank<r>.pt to --out.
+"""SER steps on a CNN map under torch.distributed (gloo, CPU, 2 processes); run by torchrun, writes rank<r>.pt to --out.
 
-Scenario ``convnext``: a tiny timm ConvNeXt (LayerNorm, so no batch statistics differ between ranks), SER at
-layer 2 (``stages.1``, stride 2), DDP over it, 4 of 8 images per rank, host + SER loss, one SGD step.
+The model is a tiny timm ConvNeXt (LayerNorm, so no batch statistics differ between ranks), SER at layer 2
+(``stages.1``, stride 2), 4 of 8 images per rank, host + SER loss:
+
+* ``convnext``: DDP over the model, one SGD step.
+* ``convnext_fsdp``: FSDP2 (``fully_shard`` on every stage and the root), full gradients.
+* ``convnext_chunked``: DDP with the memory-linear loss forced to tiny chunks (``chunk_elements=7``), one SGD step.
+
+Each must equal the one-process step on all 8 images (tests/test_backbones.py).
 """
 
 from __future__ import annotations
@@ -16,10 +22,11 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dist_helpers.common import make_images, make_pair, run_scenarios, slice_pair  # noqa: E402
+from dist_helpers.common import make_images, make_pair, run_scenarios, ser_step, slice_pair  # noqa: E402
 from ser_plugin import attach_ser  # noqa: E402
 
 N, LAYER, LR = 8, 2, 0.5
+CHUNK = 7  # similarity entries per chunk: far below one image's (h*w)^2 = 64, so the chunked path runs
 
 
 def make_convnext(seed: int = 0) -> nn.Module:
@@ -29,21 +36,33 @@ def make_convnext(seed: int = 0) -> nn.Module:
     return ConvNeXt(num_classes=0, depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), patch_size=1)
 
 
-def convnext(r: int, world: int) -> dict:
-    net = make_convnext(0)
-    ser = attach_ser(net, LAYER, photometric=None)
-    model = nn.parallel.DistributedDataParallel(net)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
+def rank_pair(r: int, world: int):  # noqa: ANN201
     per = N // world
-    pair = slice_pair(make_pair(make_images(N, seed=30), seed=31), r * per, (r + 1) * per)
-    with ser.capture():
-        o1, o2 = model(pair.x1), model(pair.x2)
-    host = (o1 - o2).pow(2).mean()
-    ser_loss = ser.loss(pair)
-    (host + ser_loss).backward()
-    grads = {n: p.grad.detach().clone() for n, p in net.named_parameters()}
-    opt.step()
-    return {"host": host.detach(), "ser": ser_loss.detach(), "grads": grads, "params": {n: p.detach().clone() for n, p in net.named_parameters()}}
+    return slice_pair(make_pair(make_images(N, seed=30), seed=31), r * per, (r + 1) * per)
+
+
+def convnext(r: int, world: int, **options) -> dict:  # noqa: ANN003
+    net = make_convnext(0)
+    ser = attach_ser(net, LAYER, photometric=None, **options)
+    return ser_step(nn.parallel.DistributedDataParallel(net), ser, rank_pair(r, world), net, lr=LR)
+
+
+def convnext_fsdp(r: int, world: int) -> dict:
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # older torch
+        from torch.distributed._composable.fsdp import fully_shard
+    from torch.distributed.device_mesh import init_device_mesh
+
+    net = make_convnext(0)
+    mesh = init_device_mesh("cpu", (world,))
+    for stage in net.stages:
+        fully_shard(stage, mesh=mesh)
+    fully_shard(net, mesh=mesh)
+    ser = attach_ser(net, LAYER, photometric=None)
+    out = ser_step(net, ser, rank_pair(r, world), net)
+    out["sharded"] = type(next(net.parameters())).__name__
+    return out
 
 
 def main() -> None:
@@ -52,7 +71,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    run_scenarios([("convnext", convnext)], args.out)
+    run_scenarios([("convnext", convnext), ("convnext_fsdp", convnext_fsdp),
+                   ("convnext_chunked", lambda r, w: convnext(r, w, chunk_elements=CHUNK))], args.out)
 
 
 if __name__ == "__main__":

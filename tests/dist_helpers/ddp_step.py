@@ -24,7 +24,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dist_helpers.common import LAYER, make_images, make_pair, make_vit, run_scenarios, slice_pair  # noqa: E402
+from dist_helpers.common import LAYER, make_images, make_pair, make_vit, run_scenarios, ser_step, slice_pair  # noqa: E402
 from ser_plugin import attach_ser  # noqa: E402
 
 EVEN_N = 8
@@ -50,21 +50,8 @@ def even(r: int, world: int) -> dict:
     torch.manual_seed(1)
     ser = attach_ser(vit, LAYER, head=True, head_dims=(16, 16), photometric=None)
     holder = nn.parallel.DistributedDataParallel(Holder(vit, ser))
-    opt = torch.optim.SGD(holder.parameters(), lr=LR)
-    x = make_images(EVEN_N, seed=10)
-    per = EVEN_N // world
-    pair = slice_pair(make_pair(x, seed=11), r * per, (r + 1) * per)
-    with ser.capture():
-        o1, o2 = holder(pair.x1), holder(pair.x2)
-    host = (o1 - o2).pow(2).mean()  # a per-sample mean: DDP's averaging reproduces the global mean
-    ser_loss = ser.loss(pair)
-    (host + ser_loss).backward()
-    grads = {n: p.grad.detach().clone() for n, p in holder.module.named_parameters()}
-    opt.step()
-    return {
-        "host": host.detach(), "ser": ser_loss.detach(), "grads": grads,
-        "params": {n: p.detach().clone() for n, p in holder.module.named_parameters()},
-    }
+    pair = slice_pair(make_pair(make_images(EVEN_N, seed=10), seed=11), r * (EVEN_N // world), (r + 1) * (EVEN_N // world))
+    return ser_step(holder, ser, pair, holder.module, lr=LR)
 
 
 def uneven(r: int, world: int) -> dict:
@@ -72,20 +59,12 @@ def uneven(r: int, world: int) -> dict:
     vit = make_vit(0, dynamic=True)
     ser = attach_ser(vit, LAYER, photometric=None, scale=(0.5, 2.0))
     model = nn.parallel.DistributedDataParallel(vit)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
     start = sum(UNEVEN_COUNTS[:r])
     x = make_images(sum(UNEVEN_COUNTS), seed=20)[start : start + UNEVEN_COUNTS[r]]
     pair = make_pair(x, seed=21 + r, sizes=UNEVEN_SIZES[r])
-    with ser.capture():
-        o1, o2 = model(pair.x1), model(pair.x2)
     # the host loss must touch every parameter (DDP waits for all of them); with uneven batches its
     # per-rank share is world * sum_local / N_global, like SER's, so DDP's averaging gives the global mean
-    host = (o1 - o2).pow(2).sum(1).sum() * world / sum(UNEVEN_COUNTS)
-    ser_loss = ser.loss(pair)
-    (host + ser_loss).backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.module.named_parameters()}
-    opt.step()
-    return {"host": host.detach(), "ser": ser_loss.detach(), "grads": grads, "params": {n: p.detach().clone() for n, p in model.module.named_parameters()}}
+    return ser_step(model, ser, pair, model.module, lr=LR, host=lambda o1, o2: (o1 - o2).pow(2).sum(1).sum() * world / sum(UNEVEN_COUNTS))
 
 
 def wrapped(r: int, world: int, gather: str = "auto") -> dict:
@@ -93,15 +72,8 @@ def wrapped(r: int, world: int, gather: str = "auto") -> dict:
     vit = make_vit(0)
     model = nn.parallel.DistributedDataParallel(vit)
     ser = attach_ser(model, LAYER, photometric=None, gather=gather)
-    x = make_images(EVEN_N, seed=10)
-    per = EVEN_N // world
-    pair = slice_pair(make_pair(x, seed=11), r * per, (r + 1) * per)
-    with ser.capture():
-        o1, o2 = model(pair.x1), model(pair.x2)
-    host = (o1 - o2).pow(2).mean()
-    ser_loss = ser.loss(pair)
-    (host + ser_loss).backward()
-    return {"host": host.detach(), "ser": ser_loss.detach(), "grads": {n: p.grad.detach().clone() for n, p in vit.named_parameters()}}
+    pair = slice_pair(make_pair(make_images(EVEN_N, seed=10), seed=11), r * (EVEN_N // world), (r + 1) * (EVEN_N // world))
+    return ser_step(model, ser, pair, vit)
 
 
 def nogather(r: int, world: int) -> dict:

@@ -35,6 +35,12 @@ ARM_LABELS = {
     "ser_late": "SER + late [CLS]",
     "ser_head": "SER + token head",
 }
+BACKBONE_NAMES = {"vit": "ViT", "resnet": "ResNet", "convnext": "ConvNeXt", "swin": "Swin"}
+
+
+def arm_label(arm: str, backbone: str = "vit") -> str:
+    """The arm's label in tables, naming the demo's backbone family (``"SER (stock ResNet)"``)."""
+    return ARM_LABELS.get(arm, arm).replace("stock ViT", f"stock {BACKBONE_NAMES.get(backbone, backbone)}")
 
 
 def git_commit(root: Optional[Path] = None) -> Dict[str, Any]:
@@ -113,14 +119,14 @@ def md_table(rows: Sequence[Dict[str, Any]], cols: Sequence[str], fmt: Optional[
     return "\n".join(lines)
 
 
-def markdown_table(runs: Dict[str, List[Dict[str, float]]], columns: Optional[List[Tuple[str, str, bool]]] = None) -> str:
+def markdown_table(runs: Dict[str, List[Dict[str, float]]], columns: Optional[List[Tuple[str, str, bool]]] = None, backbone: str = "vit") -> str:
     """``runs``: arm -> list of flattened per-seed metrics. Accuracies in %, scores as fractions; mean ± std
     (sample std over seeds) when there is more than one seed."""
     cols = [c for c in (columns or COLUMNS) if any(c[0] in r for rs in runs.values() for r in rs)]
     names = ["arm", "seeds"] + [f"{lab} {'↑' if up else '↓'}" for _, lab, up in cols]
     rows = []
     for arm, rs in runs.items():
-        row: Dict[str, Any] = {"arm": ARM_LABELS.get(arm, arm), "seeds": str(len(rs))}
+        row: Dict[str, Any] = {"arm": arm_label(arm, backbone), "seeds": str(len(rs))}
         for (key, _, _), name in zip(cols, names[2:]):
             vals = [r[key] for r in rs if key in r and math.isfinite(r[key])]
             row[name] = fmt(vals, pct=key in PCT)
