@@ -6,10 +6,10 @@ step-80 checkpoint here is *not* an 80-step run: its learning rate is still high
 probes of the study at each step in ``--checkpoints``: linear top-1, equivariance at every layer, corrupted top-1,
 flip probability, D4-moved top-1 and the spatial probe. Runs are cached as JSON under ``study/runs/long/`` (not in
 git); several processes started with the same command share the work. ``--report`` writes
-``study/results/long.{md,json}`` and ``study/results/long_<dataset>.png`` (metric vs steps, mean over seeds with a
+``study/results/long.{md,json}`` and ``study/results/long_<dataset>_<steps>.png`` (metric vs steps, mean over seeds with a
 ± std band).
 
-    python study/long.py --datasets digits,textures --variants baseline,views,L4_b2_10 &   # one per core
+    python study/long.py --datasets digits,textures,photos --variants baseline,views,L4_b2_10 &   # one per core
     python study/long.py --report
 """
 
@@ -167,7 +167,7 @@ def report(commands: List[str]) -> Dict[str, Any]:
             ax.legend(fontsize=7)
         fig.suptitle(f"{name}: learning curves (mean ± std over seeds)", fontsize=10)
         fig.tight_layout()
-        fig.savefig(RESULTS / f"long_{name.split()[0]}.png", dpi=90)
+        fig.savefig(RESULTS / f"long_{name.split()[0]}_{max(steps)}.png", dpi=90)  # one figure per dataset and run length
     (RESULTS / "long.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
     (RESULTS / "long.md").write_text("\n".join(md) + "\n")
     return summary
@@ -175,7 +175,7 @@ def report(commands: List[str]) -> Dict[str, Any]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--datasets", default="digits,textures")
+    p.add_argument("--datasets", default="digits,textures,photos")
     p.add_argument("--variants", default="baseline,views,L4_b2_10")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=800)
