@@ -285,7 +285,7 @@ def test_wrapped_backbone_found_and_prefix_options_refused():
 # ------------------------------------------------------------------------------------------------ done when
 
 
-@pytest.mark.parametrize("name", DONE_WHEN)
+@pytest.mark.parametrize("name", list(FAMILIES))  # the issue's four (DONE_WHEN) and torchvision's ConvNeXt and Swin
 def test_trains_from_the_one_line_attach(name):
     """Middle layer: the SER gradient reaches the stem, nothing above the layer gets any, a few SGD steps on a
     fixed pair lower L_equiv, and remove() leaves the model's state and hooks as they were before attach."""
@@ -298,7 +298,7 @@ def test_trains_from_the_one_line_attach(name):
     x = _images(6, seed=1)
     pair = ser.views(x, generator=torch.Generator().manual_seed(2))
     model.eval()  # fixed BatchNorm statistics: the state comparison below is about SER, not about training
-    opt = torch.optim.SGD(model.parameters(), lr=0.02)
+    opt = torch.optim.SGD(model.parameters(), lr=0.003)
     losses = []
     for step in range(4):
         opt.zero_grad(set_to_none=True)
