@@ -41,7 +41,7 @@ VERDICT_KEYS = ("linear_top1", "knn_top1", "eq_centred_L", "rot_equiv_L", "cls_i
 def parser() -> argparse.ArgumentParser:
     d = Config()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", default="0,1,2", help="training seeds (the data split is fixed); >= 3 for a verdict, 5 to resolve close ones")
+    p.add_argument("--seeds", default="0,1,2,3,4", help="training seeds (the data split is fixed); >= 3 for a verdict; 5 (the default) resolves more of the close ones")
     p.add_argument("--jobs", type=int, default=0, help="worker processes running (arm, seed) pairs in parallel (0: one per core)")
     p.add_argument("--steps", type=int, default=80, help="optimiser steps per run (0: use --epochs)")
     p.add_argument("--epochs", type=int, default=d.epochs)
