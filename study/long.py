@@ -130,8 +130,8 @@ def report(commands: List[str]) -> Dict[str, Any]:
                     vals = [scalar(c["metrics"], key, layer) for r in rs for c in r["curve"] if c["step"] == st]
                     table.setdefault(v, {}).setdefault(key, {})[st] = vals
         md += [f"## {name}: SER variant `{ser}` (L = {layer}); seeds " + ", ".join(f"{v} {len(rs)}" for v, rs in arms.items()), ""]
-        md += ["| metric | step | " + " | ".join(arms) + " | SER − baseline (p, verdict) | SER − views (p, verdict) |",
-               "|---|---|" + "---|" * len(arms) + "---|---|"]
+        md += ["| metric | step | " + " | ".join(arms) + " | SER − baseline (p, verdict) | SER − views (p, verdict) | views − baseline (p) |",
+               "|---|---|" + "---|" * len(arms) + "---|---|---|"]
         verdicts: Dict[str, Any] = {}
         for key, lab, sc, up in CURVES:
             for st in steps:
@@ -150,6 +150,12 @@ def report(commands: List[str]) -> Dict[str, Any]:
                         comp.append(f"{t['diff'] * sc:+.{1 if sc == 100 else 3}f} (p={t['p']:.2g}, **{t['claim']}**)")
                     else:
                         comp.append("–")
+                if "views" in arms and "baseline" in arms and table["views"][key][st] and table["baseline"][key][st]:
+                    t = welch(table["views"][key][st], table["baseline"][key][st])  # what b2's views alone do
+                    verdicts.setdefault("views-baseline", {}).setdefault(key, {})[st] = t
+                    comp.append(f"{t['diff'] * sc:+.{1 if sc == 100 else 3}f} (p={t['p']:.2g}{', resolved' if t['verdict'] != 'within noise' else ''})")
+                else:
+                    comp.append("–")
                 md.append(f"| {lab} | {st} | " + " | ".join(cells) + " | " + " | ".join(comp) + " |")
         md.append("")
         summary["datasets"][name] = {"ser_variant": ser, "layer": layer, "steps": steps, "values": table, "verdicts": verdicts}
