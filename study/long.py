@@ -174,9 +174,39 @@ def report(commands: List[str]) -> Dict[str, Any]:
         fig.suptitle(f"{name}: learning curves (mean ± std over seeds)", fontsize=10)
         fig.tight_layout()
         fig.savefig(RESULTS / f"long_{name.split()[0]}_{max(steps)}.png", dpi=90)  # one figure per dataset and run length
+    md += claims_table(summary)
     (RESULTS / "long.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
     (RESULTS / "long.md").write_text("\n".join(md) + "\n")
     return summary
+
+
+# the four claims of the paper, each read from these curves' metrics (robustness: corrupted and D4-moved top-1)
+CLAIMS = [("equivariance", ["eq_centred_at_L"]), ("accuracy", ["linear_top1"]), ("robustness", ["mCA", "mD4"]),
+          ("spatial transfer", ["spatial_mask_IoU", "spatial_roi_top1"])]
+SHORT = {"eq_centred_at_L": "", "linear_top1": "", "mCA": "corrupted", "mD4": "D4-moved", "spatial_mask_IoU": "mask",
+         "spatial_roi_top1": "RoI"}
+
+
+def claims_table(summary: Dict[str, Any]) -> List[str]:
+    """SER − baseline per claim, dataset and checkpoint: confirmed / refuted / within noise with the difference and p."""
+    scale = {k: sc for k, _, sc, _ in CURVES}
+    md = ["## The four claims along training (SER − baseline, Welch p < 0.05)", "",
+          "| dataset | step | seeds | equivariance | accuracy | robustness | spatial transfer |", "|---|---|---|---|---|---|---|"]
+    for name, d in summary["datasets"].items():
+        ver = d["verdicts"].get(f"{d['ser_variant']}-baseline", {})
+        n = min(len(v) for v in d["values"][d["ser_variant"]]["linear_top1"].values())
+        for st in d["steps"]:
+            cells = []
+            for _, keys in CLAIMS:
+                parts = []
+                for k in keys:
+                    t = ver[k][st]
+                    sc = scale[k]
+                    claim = t["claim"] if t["claim"] == "within noise" else f"**{t['claim']}**"
+                    parts.append(f"{SHORT[k] + ' ' if SHORT[k] else ''}{claim} ({t['diff'] * sc:+.{1 if sc == 100 else 3}f}, p {t['p']:.2g})")
+                cells.append("; ".join(parts))
+            md.append(f"| {name.split()[0]} | {st} of {max(d['steps'])} | {n} | " + " | ".join(cells) + " |")
+    return md + [""]
 
 
 def main(argv=None) -> None:
