@@ -83,8 +83,10 @@ class _RangeGuard:
     """Checks the images reaching the photometrics without a host sync.
 
     Two checks: the ``[0, 1]`` images ``u`` the built-in photometrics get are in ``[0, 1]`` (else they would be
-    clamped: refused), and, when mean/std were given, that the input ``x`` has a value below the mean (a batch
-    with none is ``[0, 1]`` images given where normalised ones are expected: refused). CPU tensors are checked at once (``torch._assert_async``: a CPU read, free). On CUDA the batch's extremes go to pinned host memory with a
+    clamped: refused), and, when mean/std were given, that the input ``x`` is not entirely inside ``[0, 1]``: a
+    batch with no value below the mean *and* none above ``mean + std`` is ``[0, 1]`` images given where normalised
+    ones are expected (refused). A small batch of bright, genuinely normalised images (every pixel above the mean)
+    reaches above ``mean + std`` and passes. CPU tensors are checked at once (``torch._assert_async``: a CPU read, free). On CUDA the batch's extremes go to pinned host memory with a
     non-blocking copy and an event; the check runs when the event has completed, at a later call (or
     :meth:`EquivariantViews.check_pending`), and raises there: a bad batch is refused a step late instead of
     stalling every step.
@@ -115,10 +117,11 @@ class _RangeGuard:
             u.detach().amin().float() if u is not None else torch.zeros((), device=ref.device),
             u.detach().amax().float() if u is not None else torch.ones((), device=ref.device),
             x.detach().amin().float() if x is not None else torch.full((), -1.0, device=ref.device),
+            x.detach().amax().float() if x is not None else torch.full((), 2.0, device=ref.device),
         ])
         meta = (tuple(ref.shape), x is not None)
         if ref.device.type == "cuda":
-            host = torch.empty(3, dtype=torch.float32, pin_memory=True)
+            host = torch.empty(4, dtype=torch.float32, pin_memory=True)
             host.copy_(ext, non_blocking=True)
             ev = torch.cuda.Event()
             ev.record(torch.cuda.current_stream(ref.device))
@@ -127,7 +130,7 @@ class _RangeGuard:
         if ref.device.type != "cpu":  # other devices: read now (one sync)
             self._raise_if_bad(ext.cpu(), *meta, late=False)
             return
-        ok = (ext[0] >= -self.TOL) & (ext[1] <= 1 + self.TOL) & (ext[2] < 0)
+        ok = (ext[0] >= -self.TOL) & (ext[1] <= 1 + self.TOL) & ((ext[2] < 0) | (ext[3] > 1))
         try:
             torch._assert_async(ok, "views: input out of range")
         except RuntimeError:
@@ -145,12 +148,13 @@ class _RangeGuard:
         self.pending = keep
 
     def _raise_if_bad(self, ext: Tensor, shape: Tuple[int, ...], normalised: bool, late: bool) -> None:
-        lo, hi, xmin = ext.tolist()
+        lo, hi, xmin, xmax = ext.tolist()
         when = " (found asynchronously: a batch given to an earlier call)" if late else ""
-        if normalised and not xmin < 0:
+        if normalised and not (xmin < 0 or xmax > 1):
             self.pending = []
             raise SERError(
-                f"views were given mean=/std= and a batch {shape} with no value below the mean (min {xmin:.3g} >= 0){when}: "
+                f"views were given mean=/std= and a batch {shape} with no value below the mean and none above mean + std "
+                f"(all in [{xmin:.3g}, {xmax:.3g}] after normalisation){when}: "
                 "these look like [0, 1] images, but with mean=/std= the input must be normalised, (x - mean) / std of [0, 1] "
                 "images (the views de-normalise, augment and normalise again). Normalise the batch first "
                 "(ser_plugin.integrations.views_input(x, mean, std) does it for [0, 1] or uint8 crops), or drop mean=/std= "

@@ -176,11 +176,25 @@ def test_mean_std_with_unnormalised_images_is_refused_with_the_fix():
     views = EquivariantViews(patch_size=4, mean=IMNET_MEAN, std=IMNET_STD)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning any more: an error
-        with pytest.raises(SERError, match=r"\(4, 3, 8, 8\) with no value below the mean.*views_input\(x, mean, std\)"):
+        with pytest.raises(SERError, match=r"\(4, 3, 8, 8\) with no value below the mean and none above mean \+ std.*views_input\(x, mean, std\)"):
             views(x)
     views((x - m) / s)  # the normalised form of the same images is accepted
     with pytest.raises(SERError, match="de-normalised with the given mean/std"):
         views(torch.randn(4, 3, 8, 8) * 10)  # wrong statistics (e.g. 0-255 values normalised with 0-1 stats)
+
+
+def test_small_bright_normalised_batch_is_not_mistaken_for_unnormalised_images():
+    """A b2 of 3 bright tiles, properly normalised, can have every pixel above the mean (the study hit it on photos
+    with b2 = 3): it reaches above mean + std, so it is accepted; the same tiles un-normalised are still refused."""
+    m, s = torch.tensor(IMNET_MEAN).view(1, 3, 1, 1), torch.tensor(IMNET_STD).view(1, 3, 1, 1)
+    bright = 0.75 + 0.25 * torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))  # every pixel above the mean
+    views = EquivariantViews(patch_size=4, mean=IMNET_MEAN, std=IMNET_STD)
+    x = (bright - m) / s
+    assert x.min() >= 0 and x.max() > 1
+    pair = views(x)
+    assert pair.x1.shape == x.shape
+    with pytest.raises(SERError, match="no value below the mean and none above mean \\+ std"):
+        views(bright)
 
 
 class _FakeEvent:
@@ -198,7 +212,7 @@ def test_deferred_range_check_raises_once_the_copy_has_landed():
     """The CUDA path (pinned copy + event) in isolation: nothing is read until the event completes."""
     guard = _RangeGuard()
     ev = _FakeEvent()
-    guard.pending.append((torch.tensor([-2.1, 2.6, -1.0]), ev, (4, 3, 8, 8), False))
+    guard.pending.append((torch.tensor([-2.1, 2.6, -1.0, 2.0]), ev, (4, 3, 8, 8), False))
     guard.poll()  # not landed yet: no read, no error
     assert len(guard.pending) == 1
     ev.done = True
@@ -206,7 +220,7 @@ def test_deferred_range_check_raises_once_the_copy_has_landed():
         guard.poll()
     assert guard.pending == []
     ok = _FakeEvent()
-    guard.pending.append((torch.tensor([0.0, 1.0, -1.0]), ok, (4, 3, 8, 8), False))
+    guard.pending.append((torch.tensor([0.0, 1.0, -1.0, 2.0]), ok, (4, 3, 8, 8), False))
     guard.poll(wait=True)  # waits, in range: fine
     assert guard.pending == []
 
