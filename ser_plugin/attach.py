@@ -44,7 +44,7 @@ def _refuse_impossible(cfg: SERConfig, vit: ViTDescription, forward: Any, model:
             f"scale views need a ViT that accepts other input sizes; {name} does not (fixed position embedding). Enable it "
             "(timm: create_model(..., dynamic_img_size=True); HF: call with interpolate_pos_encoding=True) or use D4 only: scale=None."
         )
-    border = vit.border(vit.layer) if hasattr(vit, "border") and vit.layer else 0
+    border = vit.border(vit.layer)
     if cfg.scale is not None and border:
         raise SERError(
             f"scale views need a map of exactly side/stride cells, and layer {vit.layer} of {name} has {border:+d} border cells (its stem "
@@ -129,7 +129,6 @@ class SER(nn.Module):
     patch_size = property(lambda self: self.vit.patch_size, doc="(ph, pw) or None.")
     _prefix = property(lambda self: 0 if self.config.late_cls else self.vit.num_prefix_tokens)
     _block = property(lambda self: self.vit.blocks[self._layer - 1])
-    _border = property(lambda self: self.vit.border(self._layer) if hasattr(self.vit, "border") else 0)
     _captures = property(lambda self: self._live().records)
     is_attached = property(lambda self: self._tap is not None and self._tap.is_live, doc="True while the hooks are live.")
     criterion = property(lambda self: self.objective.criterion, doc="The TokenInfoNCE inside the objective.")
@@ -199,7 +198,7 @@ class SER(nn.Module):
         try:
             f1, f2, views = split_captures(records, inputs, pair, self.layer)
             if pair is not None:
-                check_pair(pair, f1, f2, self.patch_size, self.layer, self._border)
+                check_pair(pair, f1, f2, self.patch_size, self.layer, self.vit.border(self.layer))
         except SERError as e:
             if blocks < 2:
                 raise
@@ -227,7 +226,7 @@ class SER(nn.Module):
     def loss_from_maps(self, pair: ViewPair, f1: Tensor, f2: Tensor, keys: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
         """``λ·L_equiv`` from layer-L maps of the pair's views obtained by the caller; shape checks, captures untouched."""
         self._live()
-        check_pair(pair, f1, f2, self.patch_size, self.layer, self._border)
+        check_pair(pair, f1, f2, self.patch_size, self.layer, self.vit.border(self.layer))
         return self.objective(f1, f2, pair, keys=keys)
 
     # ------------------------------------------------------------------ settable options, lifecycle

@@ -31,7 +31,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .capture import tokens_to_map
+from .capture import map_cells_match, tokens_to_map
 from .errors import SERError
 from .vit import BlocksArg, ViTDescription, _refuse_wrappers, declared_prefix_tokens, describe_vit, model_roots
 
@@ -418,10 +418,8 @@ def block_map(output: Tensor, hw: Optional[Tuple[int, int]], desc: ViTDescriptio
     patch = desc.patch_size
     if hw is not None and patch is not None:
         want = (hw[0] // patch[0], hw[1] // patch[1])
-        b = desc.border(layer) if isinstance(desc, MapDescription) else 0
-        # a padded stem: the map is `b` cells larger than side / stride (± 1 from the strided layers' rounding)
-        ok = (lambda d: d == 0) if b == 0 else (lambda d: min(0, b) - 1 <= d <= max(0, b) + 1)
-        if not all(ok(got - w) for got, w in zip(fmap.shape[-2:], want)):
+        b = desc.border(layer)
+        if not map_cells_match(fmap.shape[-2:], want, b):
             border = f" plus the {b:+d} border cells measured at attach" if b else ""
             raise SERError(
                 f"layer {layer}: the {layout} map is {tuple(output.shape)}, so {tuple(fmap.shape[-2:])} cells, but an input of {hw} at stride "

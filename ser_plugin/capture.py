@@ -180,6 +180,14 @@ def split_captures(records: List[Tensor], inputs: List[Optional[InputInfo]], pai
     )
 
 
+def map_cells_match(got: Sequence[int], want: Sequence[int], border: int = 0) -> bool:
+    """A captured map's ``(h, w)`` against ``side / stride``: exact, or, for a layer whose stem pads more than its
+    kernel needs (``border`` extra cells, see :class:`~ser_plugin.backbones.MapDescription`), that border ± 1 cell
+    (the strided layers' rounding)."""
+    lo, hi = (min(0, border) - 1, max(0, border) + 1) if border else (0, 0)
+    return all(lo <= g - w <= hi for g, w in zip(got, want))
+
+
 def check_pair(pair: ViewPair, f1: Tensor, f2: Tensor, patch: Optional[Tuple[int, int]], layer: int, border: int = 0) -> None:
     """Shapes of the pair, its elements and the two maps agree (``border``: cells a padded stem adds to the
     map beyond ``side / stride``, see :class:`~ser_plugin.backbones.MapDescription`).
@@ -197,8 +205,7 @@ def check_pair(pair: ViewPair, f1: Tensor, f2: Tensor, patch: Optional[Tuple[int
     if patch is not None:
         for i, (x, f) in enumerate(((pair.x1, f1), (pair.x2, f2)), 1):
             grid = (x.shape[-2] // patch[0], x.shape[-1] // patch[1])
-            off = [got - want for got, want in zip(f.shape[-2:], grid)]
-            if any(d != 0 for d in off) if not border else any(not (min(0, border) - 1 <= d <= max(0, border) + 1) for d in off):
+            if not map_cells_match(f.shape[-2:], grid, border):
                 extra = f" plus {border:+d} border cells" if border else ""
                 raise SERError(f"view {i} is {tuple(x.shape)} (grid {grid}{extra}) but its captured map is {tuple(f.shape)} at layer {layer}: captures out of order or not these views.")
 

@@ -318,6 +318,11 @@ class ViTDescription:
     def depth(self) -> int:
         return len(self.blocks)
 
+    def border(self, layer: int) -> int:
+        """Cells layer ``layer``'s map has beyond ``side / patch``: none for a ViT's token grid (see
+        :class:`~ser_plugin.backbones.MapDescription` for CNN stems that pad more)."""
+        return 0
+
     def __repr__(self) -> str:
         where = repr(self.blocks_path) if self.blocks_path is not None else f"[{len(self.blocks)} modules]"
         return (f"blocks={where}, depth={self.depth}, patch_size={self.patch_size}, prefix_tokens={self.num_prefix_tokens}, "

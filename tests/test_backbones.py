@@ -460,23 +460,14 @@ def test_stateless_forward_intermediates_equals_hook_path(name):
 
 def test_cnn_step_makes_no_host_sync_beyond_the_views():
     import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    from sync_counter import count_syncs
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from dist_helpers.common import VIEW_SITES, step_syncs
 
     model = timm_convnext_atto()
     ser = attach_ser(model, 2, check_finite=False)
-    x = _images(8, seed=7)
-    for _ in range(2):  # the second step is counted
-        with count_syncs() as c:
-            pair = ser.views(x[:4])
-            with ser.capture():
-                o1, o2 = model(pair.x1), model(pair.x2)
-            host = model(x[4:]).pow(2).mean() + (o1 - o2).pow(2).mean()
-            (host + ser.loss(pair)).backward()
-    view_sites = ("group.py", "views.py", "photometric.py", "color_jiggle.py", "gaussian.py", "kornia")
-    others = [e for e in c.events if not e[1].startswith(view_sites)]
+    c = step_syncs(model, ser, _images(8, seed=7))
+    others = [e for e in c.events if not e[1].startswith(VIEW_SITES)]
     assert not others, c.report()
 
 

@@ -15,13 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sync_counter import count_syncs  # noqa: E402
+from dist_helpers.common import VIEW_SITES, step_syncs  # noqa: E402
 
 from ser_plugin import attach_ser  # noqa: E402
-
-VIEW_SITES = ("group.py", "views.py", "photometric.py", "color_jiggle.py", "gaussian.py", "kornia")
 
 
 def _step_syncs(check_finite: bool):
@@ -31,17 +29,7 @@ def _step_syncs(check_finite: bool):
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, embed_dim=32, depth=3,
                             num_heads=2, num_classes=0)
     ser = attach_ser(vit, 2, check_finite=check_finite)
-    x = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    counts = []
-    for _ in range(2):  # the second step is counted (first-call caches, lazy state)
-        with count_syncs() as c:
-            pair = ser.views(x[:4])
-            with ser.capture():
-                o1, o2 = vit(pair.x1), vit(pair.x2)
-            host = vit(x[4:]).pow(2).mean() + (o1 - o2).pow(2).mean()
-            (host + ser.loss(pair)).backward()
-        counts.append(c)
-    return counts[-1]
+    return step_syncs(vit, ser, torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
 
 
 @pytest.mark.parametrize("check_finite,allowed", [(False, 0), (True, 1)])

@@ -6,8 +6,11 @@ reference in the test see bit-identical weights, images and group elements.
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 import traceback
+from datetime import timedelta
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import timm
@@ -118,6 +121,53 @@ def ser_step(call: Callable[[Tensor], Tensor], ser: Any, pair: ViewPair, params_
         torch.optim.SGD(params_of.parameters(), lr=lr).step()
         out["params"] = {n: _full(p.detach()).clone() for n, p in params_of.named_parameters()}
     return out
+
+
+#: where the views' own host syncs come from (guarded by tests/test_views*_sync.py); any other site is the step's
+VIEW_SITES = ("group.py", "views.py", "photometric.py", "color_jiggle.py", "gaussian.py", "kornia")
+
+
+def step_syncs(model: nn.Module, ser: Any, x: Tensor) -> Any:
+    """Host syncs (benchmarks/sync_counter.py ``Counts``) of one whole SER step — views of ``x[:4]``, both views'
+    passes inside ``ser.capture()``, a host loss that also forwards ``x[4:]``, backward — the second of two, so
+    first-call caches and lazy state are not counted."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks"))
+    from sync_counter import count_syncs
+
+    for _ in range(2):
+        with count_syncs() as c:
+            pair = ser.views(x[:4])
+            with ser.capture():
+                o1, o2 = model(pair.x1), model(pair.x2)
+            host = model(x[4:]).pow(2).mean() + (o1 - o2).pow(2).mean()
+            (host + ser.loss(pair)).backward()
+    return c
+
+
+def fully_shard_all(model: nn.Module, modules: Sequence[nn.Module], world: int) -> None:
+    """FSDP2 on CPU: ``fully_shard`` on each of ``modules`` (blocks / stages), then on ``model``, over a 1-D mesh."""
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # older torch
+        from torch.distributed._composable.fsdp import fully_shard
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    for m in modules:
+        fully_shard(m, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def torchrun_main(scenarios: Sequence[Tuple[str, Callable[[int, int], Any]]], timeout: Optional[timedelta] = None) -> None:
+    """The ``main`` of a torchrun helper: ``--out`` (folder for rank<r>.pt) and ``--only`` (scenario names), one torch
+    thread, a gloo process group (``timeout``: its default when None), then :func:`run_scenarios`."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--only", nargs="*", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", **({"timeout": timeout} if timeout is not None else {}))
+    run_scenarios(scenarios, args.out, args.only)
 
 
 def run_scenarios(scenarios: Sequence[Tuple[str, Callable[[int, int], Any]]], out_dir: str, only: Optional[Sequence[str]] = None) -> None:

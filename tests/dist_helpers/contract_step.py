@@ -14,7 +14,6 @@ Scenarios (one launch; each records its results or its error, then all ranks mee
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
@@ -22,7 +21,6 @@ from datetime import timedelta
 from typing import Dict, List, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -31,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(HERE)), "benchma
 
 from sync_counter import count_collectives, count_syncs  # noqa: E402
 
-from dist_helpers.common import LAYER, make_images, make_pair, make_vit, run_scenarios, slice_pair  # noqa: E402
+from dist_helpers.common import LAYER, fully_shard_all, make_images, make_pair, make_vit, slice_pair, torchrun_main  # noqa: E402
 from ser_plugin import GroupElement, TokenHead, TokenInfoNCE, attach_ser  # noqa: E402
 
 PER_RANK = 3
@@ -209,17 +207,8 @@ def remote_nonfinite(r: int, world: int) -> dict:
 
 
 def fsdp(r: int, world: int) -> dict:
-    try:
-        from torch.distributed.fsdp import fully_shard
-    except ImportError:  # older torch
-        from torch.distributed._composable.fsdp import fully_shard
-    from torch.distributed.device_mesh import init_device_mesh
-
     vit = make_vit(0)
-    mesh = init_device_mesh("cpu", (world,))
-    for block in vit.blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(vit, mesh=mesh)
+    fully_shard_all(vit, vit.blocks, world)
     ser = attach_ser(vit, LAYER, photometric=None)
     x = make_images(8, seed=10)
     pair = slice_pair(make_pair(x, seed=11), r * 4, (r + 1) * 4)
@@ -240,13 +229,7 @@ def scenarios():
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--only", nargs="*", default=None)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=30))
-    run_scenarios(scenarios(), args.out, args.only)
+    torchrun_main(scenarios(), timeout=timedelta(seconds=30))
 
 
 if __name__ == "__main__":

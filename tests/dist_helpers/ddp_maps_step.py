@@ -12,17 +12,15 @@ Each must equal the one-process step on all 8 images (tests/test_backbones.py).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dist_helpers.common import make_images, make_pair, run_scenarios, ser_step, slice_pair  # noqa: E402
+from dist_helpers.common import fully_shard_all, make_images, make_pair, ser_step, slice_pair, torchrun_main  # noqa: E402
 from ser_plugin import attach_ser  # noqa: E402
 
 N, LAYER, LR = 8, 2, 0.5
@@ -48,17 +46,8 @@ def convnext(r: int, world: int, **options) -> dict:  # noqa: ANN003
 
 
 def convnext_fsdp(r: int, world: int) -> dict:
-    try:
-        from torch.distributed.fsdp import fully_shard
-    except ImportError:  # older torch
-        from torch.distributed._composable.fsdp import fully_shard
-    from torch.distributed.device_mesh import init_device_mesh
-
     net = make_convnext(0)
-    mesh = init_device_mesh("cpu", (world,))
-    for stage in net.stages:
-        fully_shard(stage, mesh=mesh)
-    fully_shard(net, mesh=mesh)
+    fully_shard_all(net, net.stages, world)
     ser = attach_ser(net, LAYER, photometric=None)
     out = ser_step(net, ser, rank_pair(r, world), net)
     out["sharded"] = type(next(net.parameters())).__name__
@@ -66,13 +55,8 @@ def convnext_fsdp(r: int, world: int) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--out", required=True)
-    args = p.parse_args()
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    run_scenarios([("convnext", convnext), ("convnext_fsdp", convnext_fsdp),
-                   ("convnext_chunked", lambda r, w: convnext(r, w, chunk_elements=CHUNK))], args.out)
+    torchrun_main([("convnext", convnext), ("convnext_fsdp", convnext_fsdp),
+                   ("convnext_chunked", lambda r, w: convnext(r, w, chunk_elements=CHUNK))])
 
 
 if __name__ == "__main__":

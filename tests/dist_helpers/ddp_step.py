@@ -14,17 +14,15 @@ Scenarios (all in one launch, to pay the process start-up once):
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dist_helpers.common import LAYER, make_images, make_pair, make_vit, run_scenarios, ser_step, slice_pair  # noqa: E402
+from dist_helpers.common import LAYER, make_images, make_pair, make_vit, ser_step, slice_pair, torchrun_main  # noqa: E402
 from ser_plugin import attach_ser  # noqa: E402
 
 EVEN_N = 8
@@ -129,13 +127,8 @@ def ser_only(r: int, world: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    run_scenarios((("even", even), ("uneven", uneven), ("wrapped", wrapped), ("nogather", nogather), ("forward_loss", forward_loss),
-                   ("ser_only", ser_only)), args.out)
+    torchrun_main((("even", even), ("uneven", uneven), ("wrapped", wrapped), ("nogather", nogather), ("forward_loss", forward_loss),
+                   ("ser_only", ser_only)))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ ranks, refused on every rank (no hang).
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
@@ -19,12 +18,11 @@ from datetime import timedelta
 from typing import Tuple
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dist_helpers.common import LAYER, make_images, make_vit, run_scenarios  # noqa: E402
+from dist_helpers.common import LAYER, make_images, make_vit, torchrun_main  # noqa: E402
 from ser_plugin import ViewPair, attach_ser  # noqa: E402
 
 COUNTS = {"b2_3_0": (3, 0), "b2_0_3": (0, 3), "b2_1_1": (1, 1), "skip_passes": (3, 0), "skip_passes_no_head": (0, 3)}
@@ -65,12 +63,7 @@ def step(name: str, r: int, world: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=30))
-    run_scenarios([(name, functools.partial(step, name)) for name in list(COUNTS) + list(REFUSED)], args.out)
+    torchrun_main([(name, functools.partial(step, name)) for name in list(COUNTS) + list(REFUSED)], timeout=timedelta(seconds=30))
 
 
 if __name__ == "__main__":
